@@ -1,0 +1,130 @@
+"""The `anychip` command: parses arguments and calls the library. User errors → one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+from anychip.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anychip.config import load_config
+    from anychip.generate import generate_text
+    from anychip.train import train
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    print(f"done in {time.perf_counter() - t0:.0f}s: {summary['steps']} steps, held-out loss "
+          f"{summary['initial_eval_loss'] or float('nan'):.3f} -> {summary['eval_loss']:.3f} "
+          f"(perplexity {summary['perplexity']:.1f}, {summary['bits_per_byte']:.3f} bits/byte); "
+          f"run saved in {summary['run_dir']}")
+    if cfg.train.sample_tokens:
+        from anychip.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(os.path.join(summary["run_dir"], "tokenizer.json"))
+        text = generate_text(summary["params"], cfg.model, tokenizer, args.sample_prompt,
+                             max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=0)
+        print(f"--- sample (temperature 0.8, top-k 40) ---\n{text}\n---")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from anychip.data import prepare
+
+    manifest = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, text_field=args.text_field,
+                       parquet_column=args.parquet_column)
+    splits = manifest["splits"]
+    print(f"wrote {args.out}: " + ", ".join(
+        f"{name} {s['tokens']:,} tokens / {s['documents']:,} documents" for name, s in splits.items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from anychip.train import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.data, args.batches)
+    print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+          f"bits per byte {result['bits_per_byte']:.4f} | {result['eval_tokens']:,} tokens")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from anychip.generate import generate_text
+    from anychip.train import load_run
+
+    cfg, params, tokenizer = load_run(args.run_dir)
+    print(generate_text(params, cfg.model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from anychip.report import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anychip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain (or resume) a model; no arguments = the built-in demo run")
+    p.add_argument("config", nargs="?", help="a YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=350m train.steps=2000")
+    p.add_argument("--sample-prompt", default="def ", help="prompt of the sample printed at the end")
+    p.set_defaults(handler=cmd_train)
+
+    data = sub.add_parser("data", help="prepare corpora").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize files/folders/globs into token shards")
+    p.add_argument("inputs", nargs="+", help="files, folders or globs (.txt .md .py .jsonl .parquet ...)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the BPE tokenizer to train")
+    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet files")
+    p.set_defaults(handler=cmd_data_prepare)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="a prepared data dir (default: the run's own data)")
+    p.add_argument("--batches", type=int, help="evaluate at most this many batches (default: all)")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("report", help="plot loss and throughput curves of a run to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
+    p.set_defaults(handler=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as e:
+        print(f"anychip: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can fix; the CLI prints it as one line and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input: a config value, a path, a corrupt file. Internal bugs raise anything else."""

@@ -1,0 +1,1 @@
+"""Backend-specific fast paths, each behind one function with the portable XLA version as its reference."""

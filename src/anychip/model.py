@@ -1,0 +1,253 @@
+"""A Llama/AFM-class decoder as pure functions over a parameter pytree.
+
+Pre-norm RMSNorm, rotary position embeddings (HF "rotate half" layout, so weights export to
+transformers without permutation), grouped-query attention with optional QK-norm, SwiGLU MLP,
+tied or untied embeddings. The layers' parameters are stacked on a leading axis and run with
+`lax.scan`, so compile time does not grow with depth.
+
+Parameters are stored in `param_dtype` (fp32 master weights) and cast to `compute_dtype` at use;
+norms, softmax statistics and logits are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from anychip.config import ModelConfig
+from anychip.kernels.attention import attention, xla_attention
+
+Params = dict[str, Any]
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter; `sharding.py` maps them to mesh axes."""
+    layer = {
+        "attn_norm": ("layers", "norm"),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if cfg.qk_norm:
+        layer |= {"q_norm": ("layers", "norm"), "k_norm": ("layers", "norm")}
+    axes: Params = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    L, D, H, KV, hd, F, V = (
+        cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+    )
+    layer = {
+        "attn_norm": (L, D),
+        "wq": (L, D, H, hd),
+        "wk": (L, D, KV, hd),
+        "wv": (L, D, KV, hd),
+        "wo": (L, H, hd, D),
+        "mlp_norm": (L, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qk_norm:
+        layer |= {"q_norm": (L, hd), "k_norm": (L, hd)}
+    shapes: Params = {"embed": (V, D), "layers": layer, "final_norm": (D,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Normal(0, init_std) matrices, with output projections scaled by 1/sqrt(2·n_layers) (GPT-2), unit norms."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+            continue
+        std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if ("wo" in path or "w_down" in path) else cfg.init_std
+        out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def count_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
+    """Total parameter count; without the input embedding table when `include_embedding` is False.
+
+    With tied embeddings the table is also the output projection, a matmul, so it stays counted.
+    """
+    shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(math.prod(s) for s in shapes)
+    if not include_embedding and not cfg.tie_embeddings:
+        total -= cfg.vocab_size * cfg.d_model
+    return total
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape (..., T, head_dim) for integer positions (..., T)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (..., T, hd/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # (..., T, hd): HF "rotate half" layout
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, hd); cos, sin: (B or 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def project_qkv(x: jax.Array, layer: Params, cfg: ModelConfig, cos: jax.Array, sin: jax.Array):
+    """Normed input x (B, T, D) → rotated q (B, T, H, hd) and k, v (B, T, KV, hd)."""
+    dt = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"].astype(dt))
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, layer["k_norm"], cfg.norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def mlp(x: jax.Array, layer: Params) -> jax.Array:
+    dt = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, layer["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, layer["w_up"].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"].astype(dt))
+
+
+def decoder_block(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable) -> tuple[jax.Array, Any]:
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). x: (B, T, D).
+
+    `attend(q, k, v) -> (out (B, T, H, hd), aux)` is the only part that differs between training (causal
+    attention over the sequence) and KV-cache decoding (write k, v into the cache, attend to it); aux
+    (e.g. the updated cache) is returned next to the block's output.
+    """
+    q, k, v = project_qkv(rms_norm(x, layer["attn_norm"], cfg.norm_eps), layer, cfg, cos, sin)
+    attn, aux = attend(q, k, v)  # (B, T, H, hd)
+    x = x + jnp.einsum("bthk,hkd->btd", attn, layer["wo"].astype(x.dtype))
+    return x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer), aux
+
+
+def decoder_layer(x, layer: Params, cfg: ModelConfig, cos, sin, attention_impl: str) -> jax.Array:
+    """The training block: causal attention over the whole sequence. x: (B, T, D)."""
+    return decoder_block(x, layer, cfg, cos, sin, lambda q, k, v: (attention(q, k, v, attention_impl), None))[0]
+
+
+def hidden_states(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    compute_dtype: Any = jnp.bfloat16,
+    remat: Remat = "none",
+    attention_impl: str = "xla",
+) -> jax.Array:
+    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype."""
+    x = params["embed"][tokens].astype(compute_dtype)  # (B, T, D)
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)  # (1, T, hd)
+
+    def body(x, layer):
+        return decoder_layer(x, layer, cfg, cos, sin, attention_impl), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer; cache slot s holds sequence position s (positions are per row)."""
+
+    k: jax.Array  # (L, B, S, KV, hd)
+    v: jax.Array  # (L, B, S, KV, hd)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def cached_hidden_states(
+    params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
+    *, compute_dtype: Any = jnp.float32,
+) -> tuple[jax.Array, KVCache]:
+    """KV-cache decoding: tokens (B, T) at sequence positions (B, T) → final-normed hidden states (B, T, D)
+    and the cache with their keys and values written at slot = position.
+
+    Each query attends to every slot at or before its own position, so with right-padded prompts the
+    padding slots (after a row's last real token) are never seen: decoding overwrites them in order.
+    """
+    x = params["embed"][tokens].astype(compute_dtype)  # (B, T, D)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)  # (B, T, hd)
+    rows = jnp.arange(tokens.shape[0])[:, None]  # (B, 1), broadcasts against positions (B, T)
+    mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[..., None]  # (B, T, S)
+
+    def body(carry, layer_and_index):
+        x, cache = carry
+        layer, i = layer_and_index
+
+        def attend(q, k, v):
+            kc = cache.k.at[i, rows, positions].set(k.astype(cache.k.dtype))
+            vc = cache.v.at[i, rows, positions].set(v.astype(cache.v.dtype))
+            return xla_attention(q, kc[i], vc[i], mask), KVCache(kc, vc)
+
+        x, cache = decoder_block(x, layer, cfg, cos, sin, attend)
+        return (x, cache), None
+
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(cfg.n_layers)))
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
+
+
+def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Hidden states (..., D) → fp32 logits (..., V), the matmul in compute dtype with fp32 accumulation."""
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # (D, V)
+    return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kwargs: Any) -> jax.Array:
+    """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl."""
+    return unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss in fp32, plus z_loss·mean(logsumexp²) (PaLM) to keep the softmax normaliser near 1.
+
+    Returns (total loss, plain cross-entropy).
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(lse - target_logit)
+    return ce + z_loss * jnp.mean(lse**2), ce

@@ -1,0 +1,44 @@
+"""Plots of a run: loss (train and held-out) and throughput against step, from metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: CI and servers have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from anychip.errors import UserError  # noqa: E402
+from anychip.metrics import read_metrics  # noqa: E402
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write RUN_DIR/report.png (or `out`): loss curves on top, tokens/s (and MFU) below."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if not train and not evals:
+        raise UserError(f"{run_dir} has no metrics to plot (no metrics.jsonl rows)")
+    fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
+    ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.set_title(f"anychip run {run_dir.name}")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_speed.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:green")
+    ax_speed.set_ylabel("tokens / s", color="tab:green")
+    ax_speed.set_xlabel("step")
+    ax_speed.grid(alpha=0.3)
+    mfus = [(r["step"], 100 * r["mfu"]) for r in train if r.get("mfu") is not None]
+    if mfus:
+        ax_mfu = ax_speed.twinx()
+        ax_mfu.plot(*zip(*mfus), color="tab:purple", ls="--")
+        ax_mfu.set_ylabel("MFU (%)", color="tab:purple")
+    out = Path(out) if out else run_dir / "report.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,50 @@
+"""Configs are data: presets, YAML, dotted overrides, and one-line errors for anything wrong."""
+
+import pytest
+
+from anychip.config import MODEL_PRESETS, Config, load_config, save_config
+from anychip.errors import UserError
+
+
+def test_defaults_are_the_demo_run():
+    cfg = load_config()
+    assert cfg == Config() and cfg.model == MODEL_PRESETS["demo"] and cfg.data.path is None
+
+
+def test_dotted_overrides_and_presets():
+    cfg = load_config(None, ["model=350m", "train.steps=2000", "run_dir=runs/a", "model.n_layers=2",
+                             "optim.lr=1e-4", "data.path=null"])
+    assert cfg.model.d_model == 1024 and cfg.model.n_layers == 2 and cfg.model.name == "350m"
+    assert cfg.train.steps == 2000 and cfg.run_dir == "runs/a" and cfg.optim.lr == 1e-4
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: afm-3b\ntrain:\n  steps: 7\n  seq_len: 4096\n")
+    cfg = load_config(path, ["train.steps=9"])
+    assert cfg.model.qk_norm and cfg.model.n_kv_heads == 8 and cfg.train.steps == 9 and cfg.train.seq_len == 4096
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["model=afm-3b", "train.seq_len=512", "optim.schedule=wsd"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.stesp=3"], "did you mean 'train.steps'"),
+    (["modle.d_model=3"], "did you mean 'model.d_model'"),
+    (["model=351m"], "did you mean '350m'"),
+    (["optim.lr=-1"], "optim.lr must be positive"),
+    (["model.n_heads=7"], "does not divide model.d_model"),
+    (["model.n_kv_heads=3"], "does not divide model.n_heads"),
+    (["train.seq_len=4096"], "exceeds model.max_seq_len"),
+    (["train.steps=ten"], "expected an integer"),
+    (["optim.schedule=linear"], "not one of"),
+    (["train.grad_accum=3"], "does not divide train.batch_size"),
+    (["steps"], "expected key=value"),
+])
+def test_bad_values_are_one_line_user_errors(overrides, fragment):
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -1,0 +1,138 @@
+"""Properties of the decoder that must hold whatever the weights: causality, GQA, RoPE, gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from anychip.config import MODEL_PRESETS, ModelConfig
+from anychip.kernels.attention import xla_attention
+from anychip.model import (
+    apply_rope, count_params, cross_entropy, forward, init_params, param_shapes, rope_tables,
+)
+
+TINY = MODEL_PRESETS["tiny"]
+FP32 = {"compute_dtype": jnp.float32}
+
+
+def test_param_count_matches_the_llama_formula():
+    cfg = MODEL_PRESETS["1b"]
+    D, F, V, L, kv = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim
+    per_layer = 2 * D * D + 2 * D * kv + 3 * D * F + 2 * D
+    assert count_params(cfg) == 2 * V * D + L * per_layer + D
+
+
+def test_afm_preset_is_the_published_shape():
+    # AFM on-device (arXiv 2407.21075, Table 1): 2.58B non-embedding + 0.15B embedding parameters.
+    cfg = MODEL_PRESETS["afm-3b"]
+    embedding = cfg.vocab_size * cfg.d_model
+    assert abs(embedding - 0.15e9) < 0.005e9
+    assert abs((count_params(cfg) - embedding) - 2.58e9) < 0.02e9
+
+
+def test_causality(key):
+    params = init_params(TINY, key)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+    base = forward(params, tokens, TINY, **FP32)
+    t = 9
+    changed = tokens.at[:, t].set((tokens[:, t] + 7) % TINY.vocab_size)
+    after = forward(params, changed, TINY, **FP32)
+    np.testing.assert_array_equal(np.asarray(base[:, :t]), np.asarray(after[:, :t]))
+    assert not np.allclose(base[:, t:], after[:, t:])  # and the change is visible from t on
+
+
+def test_gqa_with_all_kv_heads_is_multi_head_attention(key):
+    B, T, H, hd = 2, 8, 4, 16
+    q, k, v = (jax.random.normal(k_, (B, T, H, hd)) for k_ in jax.random.split(key, 3))
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd)
+    scores = jnp.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    expected = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, -1), v)
+    np.testing.assert_allclose(xla_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_shares_each_kv_head_across_its_query_group(key):
+    B, T, H, KV, hd = 1, 6, 4, 2, 8
+    q = jax.random.normal(key, (B, T, H, hd))
+    k, v = (jax.random.normal(k_, (B, T, KV, hd)) for k_ in jax.random.split(jax.random.key(3), 2))
+    repeated = xla_attention(q, jnp.repeat(k, H // KV, axis=2), jnp.repeat(v, H // KV, axis=2))
+    np.testing.assert_allclose(xla_attention(q, k, v), repeated, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position(key):
+    hd = 16
+    q, k = jax.random.normal(key, (2, hd))
+
+    def score(pos_q, pos_k):
+        cos, sin = rope_tables(jnp.array([[pos_q, pos_k]]), hd, 10000.0)  # (1, 2, hd)
+        x = jnp.stack([q, k])[None, :, None, :]  # (1, 2, 1, hd)
+        rq, rk = apply_rope(x, cos, sin)[0, :, 0]
+        return float(rq @ rk)
+
+    assert score(3, 1) == pytest.approx(score(12, 10), rel=1e-5)
+    assert score(7, 7) == pytest.approx(score(0, 0), rel=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+def test_gradients_match_finite_differences():
+    cfg = dataclasses.replace(TINY, n_layers=1, vocab_size=32, d_model=16, n_heads=2, n_kv_heads=1, d_ff=24,
+                              qk_norm=True, tie_embeddings=False)
+    params = jax.tree.map(lambda p: p * 5, init_params(cfg, jax.random.key(0)))  # a non-trivial loss surface
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+
+    def loss(p):
+        return cross_entropy(forward(p, tokens[:, :-1], cfg, **FP32), tokens[:, 1:], z_loss=1e-2)[0]
+
+    grads = jax.grad(loss)(params)
+    rng = np.random.default_rng(0)
+    eps = 1e-2
+    for group, name in (("layers", "wq"), ("layers", "w_down"), ("layers", "q_norm"), (None, "embed"),
+                        (None, "lm_head")):
+        def at(tree, group=group, name=name):
+            return tree[group][name] if group else tree[name]
+
+        direction = rng.standard_normal(at(params).shape).astype(np.float32)
+        direction /= np.linalg.norm(direction)
+
+        def shifted(sign, group=group, name=name, direction=direction):
+            new = at(params) + sign * eps * direction
+            return {**params, group: {**params[group], name: new}} if group else {**params, name: new}
+
+        numeric = (float(loss(shifted(+1))) - float(loss(shifted(-1)))) / (2 * eps)
+        analytic = float(jnp.sum(at(grads) * direction))
+        # Central differences: truncation error ~ eps^2 * (third derivative) ~ 1e-4, fp32 round-off
+        # ~ 1e-7 * loss / eps ~ 1e-5; 1% relative (1e-3 absolute near zero) separates right from wrong.
+        assert numeric == pytest.approx(analytic, rel=1e-2, abs=1e-3), name
+
+
+def test_bf16_compute_tracks_fp32(key):
+    params = init_params(TINY, key)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, TINY.vocab_size)
+    ref = forward(params, tokens, TINY, **FP32)
+    low = forward(params, tokens, TINY, compute_dtype=jnp.bfloat16)
+    assert low.dtype == jnp.float32  # logits are always fp32
+    # bf16 has 8 mantissa bits (rel. error ~4e-3 per op); a 2-layer net stays within a few 1e-2.
+    np.testing.assert_allclose(low, ref, atol=5e-2)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_do_not_change_gradients(key, remat):
+    params = init_params(TINY, key)
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, TINY.vocab_size)
+
+    def loss(p, remat):
+        return cross_entropy(forward(p, tokens[:, :-1], TINY, remat=remat, **FP32), tokens[:, 1:])[0]
+
+    ref = jax.grad(loss)(params, "none")
+    got = jax.grad(loss)(params, remat)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_qk_norm_and_untied_head_change_the_parameter_tree():
+    cfg = ModelConfig(qk_norm=True, tie_embeddings=False)
+    shapes = param_shapes(cfg)
+    assert shapes["layers"]["q_norm"] == (cfg.n_layers, cfg.head_dim)
+    assert shapes["lm_head"] == (cfg.d_model, cfg.vocab_size)
+    assert "lm_head" not in param_shapes(ModelConfig())
