@@ -1,63 +1,285 @@
-"""Checkpoints through orbax-checkpoint: the train state plus a JSON record of what produced it.
+"""Checkpoints through orbax-checkpoint: asynchronous, atomic, verified, kept by a retention policy.
 
-A checkpoint is a step directory under RUN_DIR/checkpoints holding two items: `state` (params,
-optimizer state and step, written by orbax's StandardSave, one file set per array shard) and
-`meta` (JSON: config, data seed, anychip version, data manifest checksum). Orbax writes into a
-temporary directory and renames it when complete, so a half-written checkpoint is never listed.
+A checkpoint is a step directory RUN_DIR/checkpoints/<step>/ with three items:
+    state/      params, optimizer state and step (orbax StandardSave: OCDBT files, one write per shard)
+    meta/       JSON: config, data seed and position, anychip version, tokenizer and data-manifest sha256,
+                length of metrics.jsonl, and every array's shape, dtype and fingerprint
+    tokenizer/  the tokenizer.json itself, so a checkpoint is usable without its run directory
+
+Complete or invisible: orbax writes into <step>.orbax-checkpoint-tmp, writes commit_success.txt last,
+then renames the directory. Only renamed directories count as checkpoints, and temporary directories
+left by a process killed mid-save are deleted when the next Checkpointer opens the directory.
+
+Verified: tensorstore notices a truncated file but not a flipped byte inside a data chunk (that
+restores as a wrong number, tried), so every array's fingerprint is stored at save time and checked
+after restore. A restore that fails either way falls back to the previous complete checkpoint.
+
 Restore takes an abstract state whose leaves carry the *current* mesh's shardings, so arrays land
 where this run wants them whatever the device count of the run that saved them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax import lax
+from orbax.checkpoint import checkpoint_managers as policies
+
+from anychip.errors import UserError
+
+ITEMS = ("state", "meta", "tokenizer")
+# Test-only fault-injection hook: seconds to sleep after a save's files are written and before the
+# directory is renamed, so that a test's SIGKILL lands inside the save. Unset in normal use.
+COMMIT_DELAY_ENV = "ANYCHIP_TEST_COMMIT_DELAY_S"
+SaveErrorPolicy = Literal["continue", "stop"]
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written and `on_save_error` is "stop"."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint's files do not restore to what was saved."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = (str(error) or type(error).__name__).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _manager_options(keep: int | None, keep_every: int, async_save: bool) -> ocp.CheckpointManagerOptions:
+    keep_policies: list[Any] = [policies.LatestN(keep) if keep else policies.PreserveAll()]
+    if keep_every:
+        keep_policies.append(policies.EveryNSteps(keep_every))
+    delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
+    async_options = None
+    if async_save and delay > 0:
+        async_options = ocp.AsyncOptions(post_finalization_callback=lambda: time.sleep(delay))
+    return ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+        preservation_policy=policies.AnyPreservationPolicy(keep_policies), async_options=async_options,
+    )
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
-        )
+    """Numbered checkpoints of a train state in one directory (see the module docstring).
+
+    keep: the newest `keep` complete checkpoints survive (None: all); keep_every: so does every
+    checkpoint whose step is a multiple of it. on_save_error: "stop" raises CheckpointSaveError,
+    "continue" logs a warning and goes on; either way the earlier checkpoints are untouched.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int | None = 3, keep_every: int = 0,
+                 async_save: bool = True, on_save_error: SaveErrorPolicy = "stop",
+                 log: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.on_save_error, self.log = on_save_error, log
+        self._pending: int | None = None
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=_manager_options(keep, keep_every, async_save), item_names=ITEMS
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Starts an (asynchronous) save; `wait()` blocks until it is on disk."""
-        self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        )
+    # -- saving -------------------------------------------------------------------------------
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def save(self, step: int, state: Any, meta: dict[str, Any], tokenizer: dict[str, Any] | None = None) -> bool:
+        """Start writing checkpoint `step`; in async mode the files are written in the background.
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """abstract_state: a tree of jax.ShapeDtypeStruct with shardings (see `abstract_like`)."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return restored["state"], restored["meta"]
+        Returns False if it could not be started (or the previous save failed) under "continue".
+        """
+        ok = self._finish_pending()
+        meta = {**meta, "step": step, "arrays": describe_arrays(state)}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if tokenizer is not None:
+            items["tokenizer"] = ocp.args.JsonSave(tokenizer)
+        try:
+            # force: we decide when to save; orbax would refuse a step below the latest (after a rewind).
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # the directory is a file, read-only, full, ...
+            self._failed(step, e)
+            return False
+        self._pending = step
+        return ok
+
+    def wait(self) -> bool:
+        """Block until the save in flight (if any) is on disk; False if it failed under "continue"."""
+        return self._finish_pending()
+
+    def _finish_pending(self) -> bool:
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # an async write failed; orbax re-raises it here
+            self._failed(step, e)
+            return False
+        return True
+
+    def _failed(self, step: int | None, error: Exception) -> None:
+        message = (f"could not write checkpoint {step} in {self.directory} ({_one_line(error)}); "
+                   f"the earlier checkpoints are intact (newest complete: {self.latest_step()})")
+        if self.on_save_error == "stop":
+            raise CheckpointSaveError(f"{message}; stopping (checkpoint.on_save_error=stop)") from error
+        self.log(f"warning: {message}; training goes on (checkpoint.on_save_error=continue)")
+
+    # -- restoring ----------------------------------------------------------------------------
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
+    def read_tokenizer(self, step: int) -> dict[str, Any] | None:
+        if not (self.directory / str(step) / "tokenizer").is_dir():
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))["tokenizer"]
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """abstract_state: a tree of jax.ShapeDtypeStruct with shardings (see `abstract_like`); None
+        subtrees are not restored. Raises UserError if the shapes differ, CorruptCheckpoint (or what
+        orbax raises) if the files are damaged."""
+        meta = self.read_meta(step)
+        check_compatible(abstract_state, meta.get("arrays"), f"{self.directory}/{step}")
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )["state"]
+        if "arrays" in meta:
+            verify(restored, meta["arrays"], f"{self.directory}/{step}")
+        return restored, meta
+
+    def restore_newest(self, abstract_state: Any, max_step: int | None = None
+                       ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest checkpoint (<= max_step) that restores intact; None if none exist.
+
+        A damaged checkpoint is skipped with a warning and moved to `checkpoints.corrupt/` (a later
+        save of the same step would otherwise collide with it), but only once an older one restored:
+        if none does, the fault is more likely here than in the files, so nothing is moved.
+        """
+        failures: list[tuple[int, Exception]] = []
+        for step in reversed([s for s in self.all_steps() if max_step is None or s <= max_step]):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except UserError:
+                raise
+            except Exception as e:  # orbax/tensorstore errors, JSON errors, CorruptCheckpoint
+                failures.append((step, e))
+                continue
+            for bad, error in failures:
+                where = self.set_aside([bad], "corrupt")
+                self.log(f"warning: checkpoint {bad} is unusable ({_one_line(error)}); moved it to {where}; "
+                         f"using checkpoint {step}")
+            return step, state, meta
+        if failures:
+            step, error = failures[0]
+            raise UserError(f"no checkpoint in {self.directory} restores: step {step}: {_one_line(error)}")
+        return None
+
+    def set_aside(self, steps: list[int], reason: str) -> Path:
+        """Move checkpoint directories out of the way (never delete) into <directory>.<reason>/."""
+        self.wait()
+        target = self.directory.with_name(f"{self.directory.name}.{reason}")
+        if jax.process_index() == 0:
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                dest = target / str(step)
+                n = 1
+                while dest.exists():
+                    dest, n = target / f"{step}-{n}", n + 1
+                shutil.move(str(self.directory / str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"anychip_set_aside_{reason}")
+        self._manager.reload()
+        return target
+
+    def close(self) -> bool:
+        ok = self._finish_pending()
         self._manager.close()
+        return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Array descriptions: shapes for compatibility checks, fingerprints for integrity
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size >= 4:  # 8-byte types get a trailing axis of 2
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Wrapping uint32 sums of the bit patterns, plain and weighted by position.
+
+    Integer addition is exact in any order, so the result does not depend on how the array is
+    sharded; the position weight catches values that moved, which a plain sum would miss.
+    """
+    bits = _as_uint32(x)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    for axis, size in enumerate(bits.shape):
+        index = index * jnp.uint32(size) + lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+    return jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda leaves: [_fingerprint(x) for x in leaves])
+
+
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path, simple=True, separator="."), leaf) for path, leaf in flat]
+
+
+def describe_arrays(tree: Any) -> dict[str, dict[str, Any]]:
+    """{name: {shape, dtype, fingerprint}} for every array of `tree` (one small device computation)."""
+    named = _named_leaves(tree)
+    sums = jax.device_get(_fingerprints([leaf for _, leaf in named]))
+    return {
+        name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "fingerprint": (int(a) << 32) | int(b)}
+        for (name, leaf), (a, b) in zip(named, sums)
+    }
+
+
+def check_compatible(abstract_state: Any, saved: dict[str, dict[str, Any]] | None, where: str) -> None:
+    """One-line UserError naming the first array whose shape or dtype differs from the checkpoint's."""
+    if saved is None:
+        return
+    for name, leaf in _named_leaves(abstract_state):
+        if name not in saved:
+            raise UserError(f"{where} has no array '{name}': it was written for a different model or "
+                            "optimizer; use a new run_dir (or init_from=)")
+        shape, dtype = tuple(saved[name]["shape"]), saved[name]["dtype"]
+        if shape != tuple(leaf.shape) or dtype != str(leaf.dtype):
+            raise UserError(f"{where} does not fit this config: '{name}' is {dtype}{list(shape)} in the "
+                            f"checkpoint but {leaf.dtype}{list(leaf.shape)} here; resume with the run's "
+                            "model settings or start a new run_dir")
+
+
+def verify(state: Any, saved: dict[str, dict[str, Any]], where: str) -> None:
+    for name, info in describe_arrays(state).items():
+        if name in saved and info["fingerprint"] != saved[name]["fingerprint"]:
+            raise CorruptCheckpoint(f"array '{name}' in {where} does not match the fingerprint saved with it")
 
 
 def abstract_like(shapes_dtypes: Any, shardings: Any) -> Any:
     """Pair a tree of ShapeDtypeStructs (e.g. from jax.eval_shape) with a tree of shardings."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_dtypes, shardings)
+
+
+def tokenizer_json(path: str | Path) -> dict[str, Any]:
+    """A tokenizer.json as data, to store in a checkpoint (`Checkpointer.save(tokenizer=...)`)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -13,13 +13,22 @@ from anychip.errors import UserError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def load_config_args(args: argparse.Namespace):
+    """`[CONFIG.yaml] [key=value ...]`: argparse gives a leading override to `config`; move it back."""
     from anychip.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        config, overrides = None, [config, *overrides]
+    return load_config(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from anychip.generate import generate_text
     from anychip.train import train
 
     t0 = time.perf_counter()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_args(args)
     summary = train(cfg)
     print(f"done in {time.perf_counter() - t0:.0f}s: {summary['steps']} steps, held-out loss "
           f"{summary['initial_eval_loss'] or float('nan'):.3f} -> {summary['eval_loss']:.3f} "
@@ -73,6 +82,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from anychip.bench import format_record, run_bench, write_record
+
+    record = run_bench(load_config_args(args), steps=args.steps, warmup=args.warmup)
+    print(format_record(record))
+    if args.json:
+        write_record(record, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anychip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
     p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("bench", help="steady-state step time, tokens/s, MFU and memory of a config")
+    p.add_argument("config", nargs="?", help="a YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=1b train.batch_size=8")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--json", help="also write the record to this JSON file")
+    p.set_defaults(handler=cmd_bench)
     return parser
 
 

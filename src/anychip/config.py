@@ -155,14 +155,24 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 200
     eval_batches: int = 8
-    checkpoint_every: int = 200
     tensorboard: bool = False
     sample_tokens: int = 120
+    # Pick grad_accum (microbatch size) and remat so the step fits device memory (see sharding.auto_fit).
+    auto_fit: bool = False
+    # Persistent XLA compilation cache; null or "none" disables it.
+    compile_cache_dir: str | None = "~/.cache/anychip/xla"
+    # A step whose loss or gradient is NaN/Inf is skipped inside the step (params and optimizer state
+    # unchanged). After `nonfinite_patience` skipped steps in a row: "restore" the newest checkpoint from
+    # before them with the learning rate times `nonfinite_lr_factor`, or "stop". 0 = only skip.
+    nonfinite_patience: int = 3
+    nonfinite_action: Literal["restore", "stop"] = "restore"
+    nonfinite_lr_factor: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at the end)")
+        _require(self.nonfinite_patience >= 0, "train.nonfinite_patience must be >= 0 (0 = only skip)")
+        _require(0 < self.nonfinite_lr_factor <= 1, "train.nonfinite_lr_factor must be in (0, 1]")
         _require(
             self.batch_size % self.grad_accum == 0,
             f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size}",
@@ -186,12 +196,69 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process start-up through `jax.distributed.initialize` (see README "Scaling out").
+
+    `initialize`: "auto" starts it when a coordinator is given (here or in ANYCHIP_COORDINATOR) or a
+    launcher started several processes (SLURM, Open MPI, multi-host Cloud TPU environment variables);
+    "always" starts it, leaving what is unset to JAX's cluster auto-detection (SLURM, Open MPI,
+    Cloud TPU, Kubernetes with jax[k8s]); "never" does not (not on/off: YAML reads those as booleans).
+    Unset fields fall back to ANYCHIP_COORDINATOR, ANYCHIP_NUM_PROCESSES and ANYCHIP_PROCESS_ID.
+    """
+
+    initialize: Literal["auto", "always", "never"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout_s: int = 300
+
+    def __post_init__(self) -> None:
+        _require(self.num_processes is None or self.num_processes > 0, "distributed.num_processes must be > 0")
+        _require(
+            self.process_id is None or 0 <= self.process_id < (self.num_processes or self.process_id + 1),
+            f"distributed.process_id={self.process_id} must be in [0, distributed.num_processes)",
+        )
+        _require(self.timeout_s > 0, f"distributed.timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written and kept, how a run resumes and stops (README "Resuming and preemption").
+
+    `resume`: "auto" continues from the newest complete checkpoint of run_dir, "never" refuses to
+    start where checkpoints exist, a step number restarts from that checkpoint (newer ones are moved
+    to checkpoints.rewound/, not deleted). `grace_s`: after SIGTERM/SIGINT, time allowed to finish the
+    step and write a checkpoint before the process exits anyway.
+    """
+
+    every_steps: int = 200
+    every_minutes: float = 0.0
+    keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+    resume: str = "auto"
+    on_save_error: Literal["continue", "stop"] = "stop"
+    grace_s: float = 25.0
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
+        _require(self.every_minutes >= 0, "checkpoint.every_minutes must be >= 0 (0 = off)")
+        _require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
+        _require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = off)")
+        _require(self.grace_s > 0, f"checkpoint.grace_s must be positive, got {self.grace_s}")
+        _require(self.resume in ("auto", "never") or self.resume.isdigit(),
+                 f"checkpoint.resume must be auto, never or a step number, got {self.resume!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/default"
     init_from: str | None = None
 

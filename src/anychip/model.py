@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from anychip.config import ModelConfig
 from anychip.kernels.attention import attention, xla_attention
+from anychip.sharding import constrain
 
 Params = dict[str, Any]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
@@ -136,14 +137,17 @@ def project_qkv(x: jax.Array, layer: Params, cfg: ModelConfig, cos: jax.Array, s
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.norm_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
+    return q, k, constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
 
 
 def mlp(x: jax.Array, layer: Params) -> jax.Array:
     dt = x.dtype
     gate = jnp.einsum("btd,df->btf", x, layer["w_gate"].astype(dt))
     up = jnp.einsum("btd,df->btf", x, layer["w_up"].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"].astype(dt))
+    hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))  # (B, T, F)
+    return jnp.einsum("btf,fd->btd", hidden, layer["w_down"].astype(dt))
 
 
 def decoder_block(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable) -> tuple[jax.Array, Any]:
@@ -156,7 +160,8 @@ def decoder_block(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable
     q, k, v = project_qkv(rms_norm(x, layer["attn_norm"], cfg.norm_eps), layer, cfg, cos, sin)
     attn, aux = attend(q, k, v)  # (B, T, H, hd)
     x = x + jnp.einsum("bthk,hkd->btd", attn, layer["wo"].astype(x.dtype))
-    return x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer), aux
+    x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer)
+    return constrain(x, ("batch", "seq", "embed")), aux
 
 
 def decoder_layer(x, layer: Params, cfg: ModelConfig, cos, sin, attention_impl: str) -> jax.Array:
@@ -174,7 +179,10 @@ def hidden_states(
     attention_impl: str = "xla",
 ) -> jax.Array:
     """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype."""
-    x = params["embed"][tokens].astype(compute_dtype)  # (B, T, D)
+    # The table as used: gathered over fsdp like every FSDP weight, vocab still split over tensor, so the
+    # lookup is a masked local gather + all-reduce rather than a reshuffle of the whole table.
+    table = constrain(params["embed"], ("vocab", "embed"))  # (V, D)
+    x = constrain(table[tokens].astype(compute_dtype), ("batch", "seq", "embed"))  # (B, T, D)
     positions = jnp.arange(tokens.shape[1])[None, :]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)  # (1, T, hd)
 
@@ -238,7 +246,8 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kwargs: Any) -> jax.Array:
     """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl."""
-    return unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
+    logits = unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:

@@ -1,27 +1,48 @@
-"""Device mesh and the logical-axis → mesh-axis rules that place parameters and batches.
+"""Device mesh, the logical-axis → mesh-axis rules for parameters and activations, and process start-up.
 
-Sharding is data: the model names the axes of every parameter ("embed", "mlp", ...) and the table
-below says which mesh axis, if any, splits each. FSDP splits the embedding axis of every matrix
-over `fsdp` (ZeRO-3: params, grads and optimizer state are sharded alike); tensor parallelism
-splits heads and the MLP hidden axis over `tensor` (Megatron); batches split over `data` × `fsdp`.
+Sharding is data: the model names the axes of every parameter ("embed", "mlp", ...) and of the
+activations it constrains ("batch", "seq", ...), and the two tables below say which mesh axes, if
+any, split each. Parameters and activations get separate tables because the same logical axis is
+split differently: FSDP splits the *parameters'* embedding axis over `fsdp` (ZeRO-3: params, grads
+and optimizer state are sharded alike and all-gathered one layer at a time inside the scan), while
+the *activations* split their batch over `data` × `fsdp` and keep the embedding whole. Tensor
+parallelism (Megatron) splits heads, the MLP hidden axis and the vocabulary over `tensor`, for
+weights and activations alike, so attention and the MLP need one all-reduce each per direction.
+
+    mesh axis   params                        activations
+    data        replicated (pure DP)          batch
+    fsdp        embed                         batch
+    tensor      heads, kv_heads, mlp, vocab   heads, kv_heads, mlp, vocab
+
+Single-process runs use the local devices; multi-process runs call `initialize_distributed` first
+(see README "Scaling out"), after which `jax.devices()` spans every process and the same code runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from anychip.config import MeshConfig
+from anychip.config import DistributedConfig, MeshConfig
 from anychip.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+AnyMesh = Mesh | AbstractMesh
+Rule = str | tuple[str, ...] | None
 
 # Logical parameter axis → mesh axis (None = replicated).
-PARAM_RULES: dict[str, str | None] = {
+PARAM_RULES: dict[str, Rule] = {
     "layers": None,
     "vocab": "tensor",
     "embed": "fsdp",
@@ -33,6 +54,23 @@ PARAM_RULES: dict[str, str | None] = {
 }
 
 BATCH_AXES = ("data", "fsdp")
+
+# Logical activation axis → mesh axes. The residual stream (batch, seq, embed) is split over the batch
+# only: it is replicated over `tensor` between blocks, as in Megatron without sequence parallelism.
+ACTIVATION_RULES: dict[str, Rule] = {
+    "batch": BATCH_AXES,
+    "seq": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -49,23 +87,69 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
+
+    jax.make_mesh orders TPU devices along the physical torus; elsewhere it keeps `jax.devices()`
+    order, which lists each process's devices together, so `tensor` (the innermost, most
+    communication-heavy axis) stays inside a host whenever it fits.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except (NotImplementedError, ValueError):  # a device subset or topology make_mesh cannot lay out
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec for a parameter; an axis whose size the mesh axis does not divide stays replicated."""
-    spec = []
-    for name, size in zip(axes, shape):
-        mesh_axis = PARAM_RULES[name]
-        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
-            mesh_axis = None
-        spec.append(mesh_axis)
-    return P(*spec)
+def abstract_mesh(cfg: MeshConfig, n_devices: int) -> AbstractMesh:
+    """A mesh of `n_devices` that need not exist: for lowering and exporting (`anychip check`)."""
+    return AbstractMesh(mesh_shape(cfg, n_devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def param_shardings(axes: Any, shapes: Any, mesh: Mesh) -> Any:
+def check_batch(mesh: AnyMesh, batch_size: int, grad_accum: int) -> None:
+    """Every microbatch must split evenly over the batch axes (data × fsdp)."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = batch_size // grad_accum
+    if micro % ways:
+        raise UserError(
+            f"the microbatch of train.batch_size/train.grad_accum = {micro} rows does not split over "
+            f"mesh data×fsdp = {ways} devices; make the batch a multiple of {ways * grad_accum}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical axes → PartitionSpecs
+
+
+def _mesh_axes_for(rule: Rule, size: int, mesh: AnyMesh, used: set[str]) -> Rule:
+    """The longest prefix of the rule's mesh axes that evenly splits a dimension of `size`."""
+    names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    chosen: list[str] = []
+    for name in names:
+        ways = math.prod(mesh.shape[a] for a in chosen) * mesh.shape[name]
+        if name in used or mesh.shape[name] == 1 or size % ways:
+            break
+        chosen.append(name)
+    used.update(chosen)
+    if not chosen:
+        return None
+    return chosen[0] if len(chosen) == 1 else tuple(chosen)
+
+
+def spec_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: AnyMesh, rules: Mapping[str, Rule]) -> P:
+    """PartitionSpec from logical axis names; a dimension the mesh axes do not divide stays whole."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    used: set[str] = set()
+    return P(*(_mesh_axes_for(rules[name], size, mesh, used) for name, size in zip(axes, shape)))
+
+
+def logical_to_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: AnyMesh) -> P:
+    """PartitionSpec for a parameter."""
+    return spec_for(axes, shape, mesh, PARAM_RULES)
+
+
+def param_shardings(axes: Any, shapes: Any, mesh: AnyMesh) -> Any:
     """Tree of NamedShardings from trees of logical axes and shapes (same structure)."""
     return jax.tree.map(
         lambda a, s: NamedSharding(mesh, logical_to_spec(a, s, mesh)), axes, shapes,
@@ -73,19 +157,165 @@ def param_shardings(axes: Any, shapes: Any, mesh: Mesh) -> Any:
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
+def batch_sharding(mesh: AnyMesh) -> NamedSharding:
     """Token batches (B, T+1): rows split over data × fsdp, sequence whole."""
     return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated(mesh: AnyMesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# ---------------------------------------------------------------------------------------------
+# Activation constraints. The model calls `constrain(x, ("batch", "seq", "embed"))`; it is a no-op
+# unless a train/eval step is being traced under `activation_mesh(mesh)`, so the model stays a pure
+# function that knows nothing about meshes, and single-device code (generate, tests) is unchanged.
+
+_ACTIVATION_MESH: contextvars.ContextVar[AnyMesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: AnyMesh | None) -> Iterator[None]:
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Pin activation `x` to the layout its logical axes give under the current activation mesh.
+
+    Without these, XLA's propagation may resolve a (batch-sharded activation) × (fsdp-sharded
+    weight) matmul by resharding the activations instead of all-gathering the weight.
+    """
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, ACTIVATION_RULES)))
+
+
+def with_activation_sharding(fn: Callable, mesh: AnyMesh) -> Callable:
+    """`fn` traced with `mesh` as the activation mesh (wrap before jax.jit: tracing happens inside)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with activation_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches across processes
+
+
+def data_shard(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+    """(index, count): this process needs rows [index·B/count, (index+1)·B/count) of each global batch.
+
+    That is (process_index, process_count) whenever the batch axes split evenly across processes,
+    and e.g. (0, 1) where a process's devices together hold every row (tensor axis spanning hosts).
+    Pass it to TokenDataset.batch as its process_index / process_count.
+    """
+    shape = (global_rows, 1)
+    spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                    for s in batch_sharding(mesh).addressable_devices_indices_map(shape).values()})
+    lo, hi = spans[0][0], max(stop for _, stop in spans)
+    covered = np.zeros(global_rows, bool)
+    for start, stop in spans:
+        covered[start:stop] = True
+    n = hi - lo
+    if not covered[lo:hi].all() or global_rows % n or lo % n:
+        raise UserError(f"this process's devices hold rows {spans} of the batch, not one contiguous "
+                        f"block; put the tensor axis inside a host (mesh.tensor <= local devices)")
+    return lo // n, global_rows // n
+
+
 def global_batch(local_rows: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Array:
-    """Assemble this process's rows of a batch into one global array sharded over the mesh."""
+    """Assemble this process's rows of a batch (see `data_shard`) into one global array over the mesh."""
     sharding = batch_sharding(mesh)
     shape = (global_rows,) + local_rows.shape[1:]
     if jax.process_count() == 1:
         return jax.device_put(local_rows, sharding)
     return jax.make_array_from_process_local_data(sharding, local_rows, shape)
+
+
+def is_main_process() -> bool:
+    """Process 0 alone writes run files (config, metrics, reports); orbax coordinates checkpoints itself."""
+    return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Process start-up: jax.distributed and the compilation cache
+
+DISTRIBUTED_ENV = {
+    "coordinator_address": "ANYCHIP_COORDINATOR",
+    "num_processes": "ANYCHIP_NUM_PROCESSES",
+    "process_id": "ANYCHIP_PROCESS_ID",
+}
+
+
+def distributed_args(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """jax.distributed.initialize arguments: the config's, else ANYCHIP_* environment variables."""
+    args: dict[str, Any] = {}
+    for name, var in DISTRIBUTED_ENV.items():
+        value = getattr(cfg, name)
+        if value is None and environ.get(var):
+            value = environ[var]
+            if name != "coordinator_address":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise UserError(f"{var}={value!r} is not an integer") from None
+        if value is not None:
+            args[name] = value
+    return args
+
+
+def launched_processes(environ: Mapping[str, str] = os.environ) -> int:
+    """How many processes a launcher says it started (1 if none): SLURM srun, Open MPI, Cloud TPU on GKE."""
+    if "SLURM_STEP_NODELIST" in environ and "SLURM_PROCID" in environ:  # inside an srun step
+        return int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")))
+    if "OMPI_COMM_WORLD_SIZE" in environ:
+        return int(environ["OMPI_COMM_WORLD_SIZE"])
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+    slices = int(environ.get("MEGASCALE_NUM_SLICES") or 1)
+    return len(hosts.split(",")) * slices if hosts else slices
+
+
+def initialize_distributed(cfg: DistributedConfig, log: Callable[[str], None] = print,
+                           environ: Mapping[str, str] = os.environ) -> bool:
+    """Start jax.distributed when configured or launched multi-process; True if it is running.
+
+    Must run before anything touches a JAX backend (jax.devices(), any computation).
+    """
+    if cfg.initialize == "never":
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    args = distributed_args(cfg, environ)
+    if cfg.initialize == "auto" and "coordinator_address" not in args and launched_processes(environ) <= 1:
+        return False
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU collectives across processes
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**args, initialization_timeout=cfg.timeout_s)
+    except ValueError as e:  # e.g. a coordinator without num_processes outside any known cluster
+        raise UserError(f"jax.distributed.initialize({args}): {e}") from None
+    log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} of {jax.device_count()} devices local")
+    return True
+
+
+def enable_compile_cache(directory: str | None) -> Path | None:
+    """Persist compiled executables, so a restart or resume does not pay the compile again.
+
+    JAX caches only compiles that took >= 1 s (jax_persistent_cache_min_compile_time_secs): smaller
+    ones cost more disk reads than they save.
+    """
+    if directory is None or directory.strip().lower() in ("", "none", "null"):
+        return None
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path

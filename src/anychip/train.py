@@ -70,7 +70,10 @@ def grads_and_loss(params: Any, batch: jax.Array, cfg: Config) -> tuple[Any, jax
     n = cfg.train.grad_accum
     if n == 1:
         return grad_fn(params, batch)
-    micro = batch.reshape(n, batch.shape[0] // n, batch.shape[1])  # (n, B/n, T+1)
+    # Microbatch i takes rows i, i+n, i+2n, ...: every device holds B/(n·devices) rows of each microbatch
+    # already, so the split moves no data (a plain (n, B/n) reshape would put microbatch 0 on the first
+    # devices only and make XLA reshuffle rows across the mesh). The mean gradient is the same.
+    micro = batch.reshape(batch.shape[0] // n, n, batch.shape[1]).swapaxes(0, 1)  # (n, B/n, T+1)
 
     def accumulate(carry, mb):
         grads, ce = grad_fn(params, mb)
@@ -82,7 +85,8 @@ def grads_and_loss(params: Any, batch: jax.Array, cfg: Config) -> tuple[Any, jax
 
 
 def build_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
-    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh  # an AbstractMesh lowers without devices
+    sharding.check_batch(mesh, cfg.train.batch_size, cfg.train.grad_accum)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     p_shard = sharding.param_shardings(param_axes(cfg.model), param_shapes(cfg.model), mesh)
@@ -109,6 +113,8 @@ def build_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
         return loss_fn(params, batch, cfg)[1]
 
     batch_shard = sharding.batch_sharding(mesh)
+    train_step = sharding.with_activation_sharding(train_step, mesh)  # the model's constrain() calls use mesh
+    eval_loss = sharding.with_activation_sharding(eval_loss, mesh)
     return Trainer(
         cfg, mesh, optimizer, shardings,
         init=jax.jit(init, out_shardings=shardings),
@@ -209,13 +215,15 @@ def start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer, log: Callable[[
         return state
     state = trainer.init(jax.random.key(cfg.train.seed))
     if cfg.init_from:
-        source = checkpoint.Checkpointer(Path(cfg.init_from) / "checkpoints", async_save=False)
-        step = source.latest_step()
-        if step is None:
-            raise UserError(f"init_from={cfg.init_from}: no checkpoint found in {source.directory}")
-        restored, _ = source.restore(step, abstract_state(trainer)._replace(opt_state=None, step=None))
-        state = state._replace(params=restored.params)
-        log(f"initialised parameters from {cfg.init_from} (step {step}); optimizer state is fresh")
+        # Orbax restores whole trees only, and the source's optimizer-state layout follows the source's
+        # own config (e.g. grad_clip adds a chain): load_run restores with that, then keep the params.
+        source_cfg, params, _ = load_run(cfg.init_from)
+        if param_shapes(source_cfg.model) != param_shapes(cfg.model):
+            raise UserError(f"init_from={cfg.init_from}: its model ({source_cfg.model.name}) has other "
+                            f"parameter shapes than this run's model ({cfg.model.name})")
+        params = jax.tree.map(lambda p, own: p.astype(own.dtype), params, state.params)
+        state = state._replace(params=jax.device_put(params, trainer.state_shardings.params))
+        log(f"initialised parameters from {cfg.init_from}; optimizer state is fresh")
     return state
 
 
@@ -266,8 +274,8 @@ class StepLogger:
     def _log(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
         if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step + 1 == 1):
             return
+        record: dict[str, Any] = {"step": step, **{k: float(v) for k, v in metrics.items()}}  # waits for step
         now = time.perf_counter()
-        record: dict[str, Any] = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         record["tokens"] = step * self.tokens_per_step
         record["tokens_per_s"] = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
         record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_bf16_flops,

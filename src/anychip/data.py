@@ -1,0 +1,512 @@
+"""Corpora → memory-mapped token shards with a manifest; a dataset whose batch for a step is pure.
+
+A prepared data dir holds
+    tokenizer.json
+    manifest.json            format version, dtype, vocab, tokenizer hash, per split its shards + sha256
+    train_00000.bin, ...     flat little-endian uint16 token ids (uint32 if the vocab needs it): each
+    val_00000.bin, ...       document followed by EOT; a document never spans two shards
+
+Batches: each shard is cut into non-overlapping windows of seq_len+1 tokens at stride seq_len (the
+extra token is the target of the last position); windows never cross a shard boundary. Global
+sample g of a run reads window perm_e[g % W], where W is the number of windows, e = g // W the epoch
+and perm_e a permutation seeded by (seed, e). So every window is read once per epoch, and the batch
+of a step is a function of (seed, step, batch_size, seq_len) only: not of the number of processes
+and not of what was read before, which is what makes resume on another topology exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from anychip.errors import UserError
+from anychip.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+
+FORMAT, VERSION = "anychip-tokens", 1
+SPLITS = ("train", "val")
+# Text per encode_batch call: many documents so every core has work, few enough that the Encoding
+# objects (~100 bytes per token, with their token strings) stay small.
+CHUNK_CHARS = 4_000_000
+PROGRESS_EVERY_S = 10.0
+BUILTIN_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files and reading documents
+
+
+def _walk(folder: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    """Files under `folder` in a stable order. Hidden entries (.git, .venv, .DS_Store) are tooling, not text."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip_dirs)
+        files += [Path(root, n) for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def _expand(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _walk(path)
+    matches = sorted(glob(str(path), recursive=True)) if set("*?[") & set(spec) else []
+    _require(bool(matches), f"input not found: {spec}")
+    return [f for match in matches for f in _expand(match)]
+
+
+def find_files(inputs: list[str]) -> list[Path]:
+    """The files named by `inputs` (files, folders searched recursively, globs), each once, in a stable order."""
+    return list(dict.fromkeys(f for spec in inputs for f in _expand(spec)))
+
+
+def stdlib_sources(root: str | Path) -> list[Path]:
+    """The `.py` files of a standard library tree, without installed packages, test suites and IDLE."""
+    return [p for p in _walk(Path(root), BUILTIN_EXCLUDED) if p.suffix == ".py"]
+
+
+def _file_texts(path: Path, skipped: Counter[str]) -> list[str]:
+    try:
+        return [path.read_bytes().decode("utf-8")]
+    except OSError:
+        skipped["unreadable_files"] += 1
+    except UnicodeDecodeError:
+        skipped["non_utf8_files"] += 1
+    return []
+
+
+def _jsonl_texts(path: Path, field: str, skipped: Counter[str]) -> Iterator[str]:
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue  # a blank line is no record
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8
+                    skipped["invalid_json_lines"] += 1
+                    continue
+                text = record.get(field) if isinstance(record, dict) else None
+                if isinstance(text, str):
+                    yield text
+                else:
+                    skipped["records_without_text"] += 1
+    except OSError:
+        skipped["unreadable_files"] += 1
+
+
+def _parquet_texts(path: Path, column: str, skipped: Counter[str]) -> Iterator[str]:
+    try:
+        parquet = pq.ParquetFile(path)
+        if column not in parquet.schema_arrow.names:
+            skipped["records_without_text"] += parquet.metadata.num_rows
+            return
+        # Record batches keep memory flat however large the file is.
+        for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+            for text in batch.column(0).to_pylist():
+                if text is None or isinstance(text, str):
+                    yield text or ""
+                else:
+                    skipped["records_without_text"] += 1
+    except (OSError, pa.ArrowException):
+        skipped["unreadable_files"] += 1
+
+
+def read_documents(files: list[Path], skipped: Counter[str], text_field: str = "text",
+                   parquet_column: str = "text") -> Iterator[str]:
+    """Every non-empty document of `files`; what is left out is counted in `skipped`, by reason.
+
+    `.jsonl`: one document per line (its `text_field`); `.parquet`: one per row of `parquet_column`;
+    any other file is one UTF-8 document.
+    """
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            texts: Iterable[str] = _jsonl_texts(path, text_field, skipped)
+        elif suffix == ".parquet":
+            texts = _parquet_texts(path, parquet_column, skipped)
+        else:
+            texts = _file_texts(path, skipped)
+        for text in texts:
+            if text.strip():
+                yield text
+            else:
+                skipped["empty_documents"] += 1
+
+
+def assign_val(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
+    """(n_docs,) bool: which documents are held out for validation.
+
+    Chosen by content hash, so the split does not depend on paths or file order and copies of a
+    document land in the same split. At least one document goes to each split.
+    """
+    is_val = hashes < val_fraction * 2**32
+    if not is_val.any():
+        is_val[np.argmin(hashes)] = True
+    if is_val.all():
+        is_val[np.argmax(hashes)] = False
+    return is_val
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (half the disk and page cache of uint32), else uint32; little-endian."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+class _ShardWriter:
+    """Appends one split's documents to `<split>_00000.bin`, `<split>_00001.bin`, ...
+
+    A shard is closed before a document that would overflow it, so a document never spans two shards
+    (a single document longer than `shard_tokens` gets a shard of its own).
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.documents = self.bytes = 0
+        self._file: Any = None
+
+    def add(self, tokens: np.ndarray, n_bytes: int) -> None:
+        if self._file is not None and self._current["tokens"] + len(tokens) > self.shard_tokens:
+            self._close_shard()
+        if self._file is None:
+            name = f"{self.split}_{len(self.shards):05d}.bin"
+            # Kept open across add() calls so a shard streams to disk; _close_shard closes it.
+            self._file, self._hasher = open(self.out_dir / name, "xb"), hashlib.sha256()  # noqa: SIM115
+            self._current = {"file": name, "tokens": 0, "documents": 0}
+        data = tokens.tobytes()
+        self._file.write(data)
+        self._hasher.update(data)
+        self._current["tokens"] += len(tokens)
+        self._current["documents"] += 1
+        self.documents += 1
+        self.bytes += n_bytes
+
+    def _close_shard(self) -> None:
+        self._file.close()
+        self._file = None
+        self.shards.append({**self._current, "sha256": self._hasher.hexdigest()})
+
+    def finish(self) -> dict[str, Any]:
+        if self._file is not None:
+            self._close_shard()
+        tokens = sum(s["tokens"] for s in self.shards)
+        return {"tokens": tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
+
+
+def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_shards(tok: Tokenizer, docs: Iterable[str], hashes: np.ndarray, is_val: np.ndarray, out_dir: Path,
+                  shard_tokens: int, log: Callable[[str], None]) -> dict[str, Any]:
+    dtype, eot = token_dtype(tok.get_vocab_size()), eot_id(tok)
+    writers = {split: _ShardWriter(out_dir, split, shard_tokens) for split in SPLITS}
+    index, n_tokens, start = 0, 0, time.perf_counter()
+    last_log = start
+    for chunk in _chunks(docs, CHUNK_CHARS):
+        # encode_batch_fast tokenizes the documents in parallel on all cores (Rust threads, no GIL);
+        # "fast" skips the character offsets, which we do not need.
+        for text, encoding in zip(chunk, tok.encode_batch_fast(chunk)):
+            raw = text.encode("utf-8")
+            # The split was chosen from the first read; a file edited since then would shift it.
+            _require(index < len(hashes) and zlib.crc32(raw) == hashes[index],
+                     "the input files changed while they were being prepared; run again")
+            tokens = np.empty(len(encoding.ids) + 1, dtype)
+            tokens[:-1], tokens[-1] = encoding.ids, eot
+            writers["val" if is_val[index] else "train"].add(tokens, len(raw))
+            index, n_tokens = index + 1, n_tokens + len(tokens)
+        if time.perf_counter() - last_log >= PROGRESS_EVERY_S:
+            last_log = time.perf_counter()
+            log(f"tokenized {index:,}/{len(hashes):,} documents ({index / (last_log - start):,.0f} docs/s), "
+                f"{n_tokens:,} tokens")
+    _require(index == len(hashes), "the input files changed while they were being prepared; run again")
+    return {split: w.finish() for split, w in writers.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def _describe(inputs: list[str]) -> str:
+    shown = ", ".join(inputs[:3])
+    return shown + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+
+
+def _skip_summary(skipped: Counter[str]) -> str:
+    return ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in sorted(skipped.items())) or "nothing"
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    _require(not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())),
+             f"{out_dir} already exists and is not empty; not overwriting it (choose another --out)")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp dir to `out_dir`: the data dir appears complete or not at all."""
+    try:
+        os.rename(tmp, out_dir)  # atomic; replaces `out_dir` only if it is an empty directory
+    except OSError:
+        raise UserError(f"{out_dir} appeared while preparing and is not empty; not overwriting it") from None
+
+
+def prepare(inputs: list[str], out_dir: str | Path, *, vocab_size: int = 8192, tokenizer: str | None = None,
+            val_fraction: float = 0.01, text_field: str = "text", parquet_column: str = "text",
+            shard_tokens: int = 50_000_000, log: Callable[[str], None] = print) -> dict:
+    """Tokenize files, folders and globs into token shards, tokenizer.json and manifest.json in `out_dir`.
+
+    Uses the tokenizer.json at `tokenizer` if given, else trains a byte-level BPE of `vocab_size` on
+    the corpus. Everything is written into a temp dir next to `out_dir`, renamed at the end.
+    Returns the manifest.
+    """
+    out_dir = Path(out_dir).expanduser()
+    _check_out_dir(out_dir)
+    _require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
+    _require(shard_tokens > 0, f"shard_tokens must be positive, got {shard_tokens}")
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if tok is not None:
+        eot_id(tok)  # fail now, not after reading the whole corpus
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    try:
+        manifest = _prepare_into(tmp, inputs, tok, vocab_size, val_fraction, text_field, parquet_column,
+                                 shard_tokens, log)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _prepare_into(tmp: Path, inputs: list[str], tok: Tokenizer | None, vocab_size: int, val_fraction: float,
+                  text_field: str, parquet_column: str, shard_tokens: int, log: Callable[[str], None]) -> dict:
+    start = time.perf_counter()
+    files = find_files(inputs)
+    skipped: Counter[str] = Counter()
+
+    def docs(counter: Counter[str]) -> Iterator[str]:
+        return read_documents(files, counter, text_field, parquet_column)
+
+    # First pass: count and hash documents, so empty or one-document corpora fail before any slow work.
+    hashes = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in docs(skipped)), dtype=np.uint32)
+    log(f"read {len(files):,} files: {len(hashes):,} documents; skipped {_skip_summary(skipped)}")
+    _require(len(hashes) > 0, f"no text found in {_describe(inputs)} (skipped {_skip_summary(skipped)})")
+    _require(len(hashes) >= 2, f"only one document in {_describe(inputs)}; need at least 2 (train and val)")
+    if tok is None:
+        log(f"training a {vocab_size:,}-token byte-level BPE tokenizer")
+        tok = train_tokenizer(docs(Counter()), vocab_size)
+    save_tokenizer(tok, tmp / "tokenizer.json")
+    splits = _write_shards(tok, docs(Counter()), hashes, assign_val(hashes, val_fraction), tmp, shard_tokens, log)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "dtype": token_dtype(tok.get_vocab_size()).name,
+        "vocab_size": tok.get_vocab_size(), "eot_id": eot_id(tok), "tokenizer": "tokenizer.json",
+        "tokenizer_sha256": tokenizer_hash(tok), "val_fraction": val_fraction,
+        "total_tokens": sum(s["tokens"] for s in splits.values()), "splits": splits,
+        "sources": {"files": len(files), "documents": len(hashes), "skipped": dict(sorted(skipped.items()))},
+    }
+    with open(tmp / "manifest.json", "x", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    log(f"tokenized {len(hashes):,} documents into {manifest['total_tokens']:,} tokens "
+        f"in {time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+def builtin_corpus(cache_dir: str | Path, vocab_size: int = 8192, log: Callable[[str], None] = print) -> Path:
+    """The default corpus: this Python's standard library sources, prepared once into `cache_dir`.
+
+    Python 3.11: 674 files, 11 MB, 3.0M tokens at vocab 8192, prepared in ~13 s on 2 CPU cores. That
+    is fast enough to train the tokenizer on all of it (~4 s; a subset is no faster, since the merge
+    loop, not the word count, dominates).
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    out_dir = Path(cache_dir).expanduser() / f"stdlib-py{version}-v{vocab_size}"
+    if not (out_dir / "manifest.json").is_file():
+        root = sysconfig.get_paths()["stdlib"]
+        log(f"preparing the built-in corpus (Python {version} standard library at {root}) into {out_dir}")
+        try:
+            prepare([str(p) for p in stdlib_sources(root)], out_dir, vocab_size=vocab_size, log=log)
+        except UserError:
+            if not (out_dir / "manifest.json").is_file():  # else another process prepared it meanwhile
+                raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(data_dir: Path) -> dict:
+    try:
+        manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+        ok = (manifest.get("format") == FORMAT and manifest.get("dtype") in ("uint16", "uint32")
+              and isinstance(manifest.get("vocab_size"), int) and isinstance(manifest.get("splits"), dict)
+              and isinstance(manifest.get("tokenizer_sha256"), str))
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+        ok = False
+    _require(ok, f"{data_dir} is not a prepared data dir, run `anychip data prepare`")
+    _require(manifest.get("version") == VERSION,
+             f"{data_dir} has data format {manifest.get('version')}, this anychip reads {VERSION}; "
+             "re-run anychip data prepare")
+    return manifest
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_shard(data_dir: Path, entry: dict, dtype: np.dtype, verify: bool) -> np.memmap:
+    try:
+        name, n_tokens, sha256 = str(entry["file"]), int(entry["tokens"]), str(entry["sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{data_dir}/manifest.json has an invalid shard entry {entry!r}") from None
+    # A manifest names files inside its own dir only.
+    _require(Path(name).name == name and n_tokens > 0, f"{data_dir}/manifest.json has an invalid shard {name!r}")
+    path = data_dir / name
+    _require(path.is_file(), f"missing shard {path}; re-run anychip data prepare")
+    size, expected = path.stat().st_size, n_tokens * dtype.itemsize
+    _require(size == expected, f"{path} has {size:,} bytes but the manifest says {n_tokens:,} tokens "
+             f"({expected:,} bytes): the file is truncated or was modified; re-run anychip data prepare")
+    _require(not verify or _sha256_file(path) == sha256,
+             f"checksum mismatch in {path}: the file is corrupt or was modified; re-run anychip data prepare")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a global batch that process `process_index` of `process_count` reads."""
+    _require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+    _require(0 <= process_index < process_count, f"process_index={process_index} not in [0, {process_count})")
+    _require(batch_size % process_count == 0,
+             f"batch_size={batch_size} is not divisible by the number of processes ({process_count})")
+    per_process = batch_size // process_count
+    return process_index * per_process, (process_index + 1) * per_process
+
+
+class TokenDataset:
+    """One split of a prepared data dir, memory-mapped; batches are pure functions of (seed, step)."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train", verify: bool = True):
+        self.data_dir = Path(data_dir).expanduser()
+        self.manifest = read_manifest(self.data_dir)
+        self.split = split
+        entries = self.manifest["splits"].get(split)
+        entries = entries.get("shards") if isinstance(entries, dict) else None
+        _require(isinstance(entries, list) and len(entries) > 0, f"{self.data_dir} has no '{split}' split")
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.tokenizer_path = self.data_dir / "tokenizer.json"
+        dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        self.shards = [_open_shard(self.data_dir, e, dtype, verify) for e in entries]
+        if verify:
+            _require(tokenizer_hash(load_tokenizer(self.tokenizer_path)) == self.manifest["tokenizer_sha256"],
+                     f"{self.tokenizer_path} is not the tokenizer the data was prepared with; "
+                     "re-run anychip data prepare")
+        self._window_ends: dict[int, np.ndarray] = {}
+        self._permutations: dict[tuple[int, int, int], np.ndarray] = {}
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def _ends(self, seq_len: int) -> np.ndarray:
+        """Cumulative window counts: shard i holds global windows [ends[i-1], ends[i])."""
+        _require(seq_len > 0, f"seq_len must be positive, got {seq_len}")
+        if seq_len not in self._window_ends:
+            counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+            self._window_ends[seq_len] = np.cumsum(counts)
+        return self._window_ends[seq_len]
+
+    def num_windows(self, seq_len: int) -> int:
+        return int(self._ends(seq_len)[-1])
+
+    def _require_windows(self, seq_len: int) -> int:
+        n_windows = self.num_windows(seq_len)
+        _require(n_windows > 0, f"the {self.split} split of {self.data_dir} has {self.n_tokens:,} tokens "
+                 f"(largest shard {max(len(s) for s in self.shards):,}), fewer than one window of "
+                 f"seq_len+1={seq_len + 1}")
+        return n_windows
+
+    def _read(self, windows: np.ndarray, seq_len: int) -> np.ndarray:
+        ends = self._ends(seq_len)
+        shard_ids = np.searchsorted(ends, windows, side="right")
+        starts = (windows - np.concatenate([[0], ends[:-1]])[shard_ids]) * seq_len
+        rows = np.empty((len(windows), seq_len + 1), dtype=np.int32)  # (rows, seq_len + 1)
+        for row, (shard, start) in enumerate(zip(shard_ids, starts)):
+            rows[row] = self.shards[shard][start:start + seq_len + 1]
+        return rows
+
+    def _permutation(self, seed: int, epoch: int, n_windows: int) -> np.ndarray:
+        # A batch needs at most the current and the next epoch (unless batch_size > W): keep two.
+        key = (seed, epoch, n_windows)
+        if key not in self._permutations:
+            if len(self._permutations) >= 2:
+                self._permutations.pop(next(iter(self._permutations)))
+            self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(n_windows)
+        return self._permutations[key]
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int, process_index: int = 0,
+              process_count: int = 1) -> np.ndarray:
+        """(batch_size // process_count, seq_len + 1) int32: this process's rows of the global batch of `step`."""
+        _require(step >= 0 and seed >= 0, f"step and seed must be >= 0, got step={step} seed={seed}")
+        lo, hi = _process_rows(batch_size, process_index, process_count)
+        n_windows = self._require_windows(seq_len)
+        samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)  # global sample ids of our rows
+        epochs, positions = np.divmod(samples, n_windows)
+        windows = np.empty_like(samples)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            windows[here] = self._permutation(seed, int(epoch), n_windows)[positions[here]]
+        return self._read(windows, seq_len)
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[np.ndarray]:
+        """Sequential windows from the start of the split; the last partial batch is dropped.
+
+        A split with fewer windows than `batch_size` (tiny validation sets) gives one batch of all its
+        windows, rounded down to a multiple of `process_count`.
+        """
+        _require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+        n_windows = self._require_windows(seq_len)
+        size = min(batch_size, n_windows) // process_count * process_count
+        _require(size > 0, f"the {self.split} split of {self.data_dir} has {n_windows} windows of "
+                 f"seq_len+1={seq_len + 1}, fewer than the {process_count} processes")
+        lo, hi = _process_rows(size, process_index, process_count)
+        n_batches = n_windows // size if max_batches is None else min(max_batches, n_windows // size)
+        return (self._read(np.arange(b * size + lo, b * size + hi), seq_len) for b in range(n_batches))

@@ -1,0 +1,373 @@
+"""Hugging Face bridges: export a run as a transformers checkpoint, import one as an anychip run.
+
+anychip's decoder is Llama's (RMSNorm, rotate-half RoPE, GQA, SwiGLU), so weights map one to one:
+HF `nn.Linear` weights are (out, in) where anychip stores (in..., out...), e.g. q_proj.weight =
+wq.reshape(D, H*hd).T. QK-norm (RMSNorm over head_dim, per head, before RoPE) is exactly Qwen3's
+q_norm/k_norm, so a qk-norm model exports as Qwen3ForCausalLM. Only safetensors are read: pickle-based
+weights (.bin, .pt) can run code on load, and so can configs that ask for `auto_map` remote code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer
+
+from anychip import __version__, checkpoint
+from anychip.config import Config, ModelConfig, TrainConfig, save_config, to_dict
+from anychip.data import find_files, read_documents
+from anychip.errors import UserError
+from anychip.model import Params, param_shapes
+from anychip.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from anychip.train import TrainState, build_trainer, load_run
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
+
+# anychip layer parameter → (HF name under model.layers.{i}., number of leading *input* axes in anychip's
+# layout; 0 marks a norm weight, copied as is).
+LAYER_MAP = {
+    "attn_norm": ("input_layernorm.weight", 0),
+    "wq": ("self_attn.q_proj.weight", 1),
+    "wk": ("self_attn.k_proj.weight", 1),
+    "wv": ("self_attn.v_proj.weight", 1),
+    "wo": ("self_attn.o_proj.weight", 2),
+    "q_norm": ("self_attn.q_norm.weight", 0),
+    "k_norm": ("self_attn.k_norm.weight", 0),
+    "mlp_norm": ("post_attention_layernorm.weight", 0),
+    "w_gate": ("mlp.gate_proj.weight", 1),
+    "w_up": ("mlp.up_proj.weight", 1),
+    "w_down": ("mlp.down_proj.weight", 1),
+}
+TOP_MAP = {"embed": ("model.embed_tokens.weight", 0), "final_norm": ("model.norm.weight", 0),
+           "lm_head": ("lm_head.weight", 1)}
+
+
+def to_hf_layout(x: np.ndarray, n_in: int) -> np.ndarray:
+    """anychip (in..., out...) → HF Linear (out, in); norms (n_in=0) and the embedding table unchanged."""
+    if n_in == 0:
+        return x
+    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n_in]), -1).T)  # (out, in)
+
+
+def from_hf_layout(y: np.ndarray, shape: tuple[int, ...], n_in: int) -> np.ndarray:
+    return y if n_in == 0 else y.T.reshape(shape)
+
+
+def _ensure_empty(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists and is not empty; choose a new directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def hf_config(cfg: ModelConfig, eot: int | None = None) -> dict[str, Any]:
+    """config.json of the transformers model equal to `cfg`: Llama, or Qwen3 when it has QK-norm."""
+    arch = "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+    out: dict[str, Any] = {
+        "architectures": [arch], "model_type": "qwen3" if cfg.qk_norm else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        # rope_theta for transformers 4.x, rope_parameters for 5.x: both describe plain (unscaled) RoPE.
+        "rope_theta": cfg.rope_base, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std, "torch_dtype": "float32", "bos_token_id": eot, "eos_token_id": eot,
+    }
+    if cfg.qk_norm:
+        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    return out
+
+
+def hf_state_dict(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """anychip params → HF tensor names and layouts, fp32 (tied models have no lm_head.weight)."""
+    def host(x: Any) -> np.ndarray:
+        return np.asarray(jax.device_get(x), dtype=np.float32)
+
+    out = {"model.embed_tokens.weight": host(params["embed"])}
+    layers = {name: host(x) for name, x in params["layers"].items()}
+    for i in range(cfg.n_layers):
+        for name, x in layers.items():
+            hf_name, n_in = LAYER_MAP[name]
+            out[f"model.layers.{i}.{hf_name}"] = to_hf_layout(x[i], n_in)
+    out["model.norm.weight"] = host(params["final_norm"])
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = to_hf_layout(host(params["lm_head"]), 1)
+    return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or shards of at most `max_shard_bytes` plus model.safetensors.index.json."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+                 "weight_map": {t: f for f, shard in zip(names, shards) for t in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for name, shard in zip(names, shards):
+        save_file(shard, out_dir / name, metadata={"format": "pt"})  # transformers expects format=pt
+    return names
+
+
+def write_hf_tokenizer(tokenizer: Any, out_dir: Path, max_len: int) -> None:
+    """tokenizer.json plus a tokenizer_config.json that makes AutoTokenizer a PreTrainedTokenizerFast."""
+    save_tokenizer(tokenizer, out_dir / "tokenizer.json")
+    eot = tokenizer.id_to_token(eot_id(tokenizer))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
+        "model_max_length": max_len, "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # decode must give back exactly the bytes
+        "split_special_tokens": True,  # like anychip: a literal "<|endoftext|>" in text is ordinary text
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the newest checkpoint of `run_dir` as a transformers model directory `out_dir` (new or empty)."""
+    out_dir = Path(out_dir)
+    _ensure_empty(out_dir)
+    cfg, params, tokenizer = load_run(run_dir)
+    model, eot = cfg.model, eot_id(tokenizer)
+    tensors = hf_state_dict(params, model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}))
+    write_safetensors(tensors, out_dir, max_shard_bytes)
+    write_hf_tokenizer(tokenizer, out_dir, model.max_seq_len)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    return json.loads(path.read_text())
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """Plain RoPE only: transformers 5 writes rope_parameters, 4.x rope_theta and rope_scaling."""
+    rope = hf.get("rope_parameters") or {"rope_type": "default" if hf.get("rope_scaling") is None else "scaled",
+                                         "rope_theta": hf.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"rope scaling ({rope.get('rope_type')}) is not supported by anychip")
+    return float(rope.get("rope_theta", 10000.0))
+
+
+def _has_sliding_window(hf: dict[str, Any]) -> bool:
+    if hf.get("model_type") == "qwen3":
+        return bool(hf.get("use_sliding_window", False))
+    window = hf.get("sliding_window")
+    return window is not None and window < hf.get("max_position_embeddings", 0)  # as long as the context: none
+
+
+def _check_supported(hf: dict[str, Any]) -> str:
+    """The architecture name, or a one-line UserError naming the first unsupported feature."""
+    if "auto_map" in hf:
+        raise UserError("config.json asks for remote code (auto_map); anychip runs no downloaded code")
+    arch = (hf.get("architectures") or ["(none)"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES or len(hf["architectures"]) != 1:
+        raise UserError(f"architecture {arch} is not supported; anychip imports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    hidden, heads = hf.get("hidden_size", 0), hf.get("num_attention_heads", 1)
+    unsupported = {
+        "attention_bias": hf.get("attention_bias", False),
+        "mlp_bias": hf.get("mlp_bias", False),
+        f"hidden_act={hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
+        "a sliding attention window": _has_sliding_window(hf),
+        "head_dim != hidden_size / num_attention_heads": hf.get("head_dim", hidden // heads) * heads != hidden,
+    }
+    for feature, present in unsupported.items():
+        if present:
+            raise UserError(f"{arch} with {feature} is not supported by anychip")
+    return arch
+
+
+def model_config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
+    """The anychip model shape of a transformers config.json (a dict), if anychip runs it exactly."""
+    arch = _check_supported(hf)
+    try:
+        return ModelConfig(
+            name=name, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"], rope_base=_rope_theta(hf),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch == "Qwen3ForCausalLM",
+            tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02),
+        )
+    except KeyError as e:
+        raise UserError(f"config.json lacks {e.args[0]}") from None
+
+
+def weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory; pickle-based weights are refused, never opened."""
+    if (hf_dir / "model.safetensors.index.json").is_file():
+        index = _read_json(hf_dir / "model.safetensors.index.json")
+        return [hf_dir / f for f in sorted(set(index["weight_map"].values()))]
+    if (hf_dir / "model.safetensors").is_file():
+        return [hf_dir / "model.safetensors"]
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files and any(any(hf_dir.glob(p)) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")):
+        raise UserError(f"{hf_dir}: refusing to load pickle-based weights; convert to safetensors")
+    if not files:
+        raise UserError(f"{hf_dir} has no *.safetensors weights")
+    return files
+
+
+def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+    """Every tensor as fp32 numpy (through JAX, which, unlike numpy, reads bf16)."""
+    out = {}
+    for path in files:
+        with safetensors.safe_open(path, framework="flax") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+    return out
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> Params:
+    """HF tensors → anychip params (numpy fp32); every tensor must be used and have the expected shape."""
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...], n_in: int) -> np.ndarray:
+        if name not in tensors:
+            raise UserError(f"the weights lack {name}")
+        hf_shape = shape if n_in == 0 else (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+        if tensors[name].shape != hf_shape:
+            raise UserError(f"{name} has shape {tensors[name].shape}, config.json implies {hf_shape}")
+        used.add(name)
+        return from_hf_layout(tensors[name], shape, n_in)
+
+    shapes = param_shapes(cfg)
+    params: Params = {key: take(TOP_MAP[key][0], shapes[key], TOP_MAP[key][1]) for key in shapes if key != "layers"}
+    params["layers"] = {
+        key: np.stack([take(f"model.layers.{i}.{LAYER_MAP[key][0]}", shape[1:], LAYER_MAP[key][1])
+                       for i in range(cfg.n_layers)])
+        for key, shape in shapes["layers"].items()
+    }
+    # A tied checkpoint may still store lm_head.weight; transformers ignores it too. inv_freq is a RoPE buffer.
+    unused = {n for n in tensors.keys() - used if not n.endswith("rotary_emb.inv_freq")}
+    unused -= {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if unused:
+        raise UserError(f"weights with no anychip equivalent: {', '.join(sorted(unused)[:3])}")
+    return params
+
+
+def _load_hf_tokenizer(hf_dir: Path, cfg: ModelConfig) -> Any:
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{hf_dir} has no tokenizer.json; save the fast tokenizer there (save_pretrained)")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise UserError(f"tokenizer.json has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}")
+    return tokenizer
+
+
+def extend_tokenizer(tokenizer: Tokenizer, texts: Iterable[str], n_new: int) -> Tokenizer:
+    """Add up to `n_new` tokens that a byte-level BPE trained on `texts` learns first and `tokenizer` lacks.
+
+    Their merges are appended after the existing ones, so they rank last and text the old vocabulary
+    already covers keeps (nearly always) its tokenization; new ids follow the old ones.
+    """
+    data = json.loads(tokenizer.to_str())
+    if data["model"].get("type") != "BPE":
+        raise UserError(f"vocabulary extension needs a BPE tokenizer, not {data['model'].get('type')}")
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    first_new = next_id = max(tokenizer.get_vocab().values()) + 1
+    for merge in json.loads(train_tokenizer(texts, len(vocab) + n_new).to_str())["model"]["merges"]:
+        if next_id - first_new == n_new:
+            break
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if a + b in vocab or a not in vocab or b not in vocab:  # known, or built from symbols it lacks
+            continue
+        vocab[a + b] = next_id
+        merges.append(f"{a} {b}" if merges and isinstance(merges[0], str) else [a, b])
+        next_id += 1
+    if next_id == first_new:
+        raise UserError("learned no new tokens: the tokenizer is not byte-level or the corpus adds nothing")
+    extended = Tokenizer.from_str(json.dumps(data))
+    extended.encode_special_tokens = True  # as load_tokenizer does: literal "<|endoftext|>" is text
+    return extended
+
+
+def grow_vocabulary(params: Params, cfg: ModelConfig, first_new: int, n_tokens: int) -> tuple[Params, ModelConfig]:
+    """Embedding rows (and lm_head columns) for token ids [first_new, n_tokens), set to the mean of the rows
+    before them: new tokens start as an average token instead of noise that would swamp the softmax."""
+    vocab_size = max(cfg.vocab_size, n_tokens)
+
+    def grow(table: np.ndarray) -> np.ndarray:  # (V, D) → (vocab_size, D)
+        table = np.concatenate([table, np.zeros((vocab_size - len(table), table.shape[1]), table.dtype)])
+        table[first_new:n_tokens] = table[:first_new].mean(axis=0)
+        return table
+
+    params = dict(params, embed=grow(params["embed"]))
+    if not cfg.tie_embeddings:
+        params["lm_head"] = grow(params["lm_head"].T).T  # (D, vocab_size)
+    return params, dataclasses.replace(cfg, vocab_size=vocab_size)
+
+
+def write_run(cfg: Config, params: Params, tokenizer: Any, source: str) -> Path:
+    """A run directory (config.yaml, tokenizer.json, checkpoint 0 with a fresh optimizer state)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    trainer = build_trainer(cfg)
+    shardings = trainer.state_shardings
+    dtype = jnp.dtype(cfg.train.param_dtype)
+    params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), params), shardings.params)
+    opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+    meta = {"config": to_dict(cfg), "data_seed": cfg.train.seed, "anychip_version": __version__,
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "imported_from": source}
+    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", async_save=False)
+    ckpt.save(0, state, meta)
+    ckpt.close()
+    return run_dir
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str] | None = None,
+              extra_tokens: int = 0) -> Path:
+    """Turn a transformers model directory (config.json, *.safetensors, tokenizer.json) into an anychip run
+    directory (new or empty) that `generate`, `eval` and `train init_from=` accept.
+
+    With `extend_with` (files, folders, globs of a new corpus) the tokenizer gains up to `extra_tokens`
+    tokens learned from it, and the embedding grows to match (see `grow_vocabulary`)."""
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    _ensure_empty(run_dir)
+    if bool(extend_with) != (extra_tokens > 0):
+        raise UserError("extending the vocabulary needs both a corpus (extend_with) and extra_tokens > 0")
+    model = model_config_from_hf(_read_json(hf_dir / "config.json"), name=hf_dir.name)
+    tokenizer = _load_hf_tokenizer(hf_dir, model)
+    params = params_from_hf(read_safetensors(weight_files(hf_dir)), model)
+    if extend_with:
+        first_new = max(tokenizer.get_vocab().values()) + 1
+        texts = read_documents(find_files(extend_with), Counter())
+        tokenizer = extend_tokenizer(tokenizer, texts, extra_tokens)
+        params, model = grow_vocabulary(params, model, first_new, tokenizer.get_vocab_size())
+    seq_len = min(TrainConfig.seq_len, model.max_seq_len)
+    cfg = Config(model=model, train=TrainConfig(seq_len=seq_len), run_dir=str(run_dir))
+    return write_run(cfg, params, tokenizer, source=str(hf_dir.absolute()))

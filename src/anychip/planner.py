@@ -1,0 +1,661 @@
+"""Plan a pretraining job on every catalog chip: memory per chip, step time, wall time and cost.
+
+For each chip the planner searches mesh layouts (data × fsdp × tensor, as `sharding.py` builds
+them), gradient-accumulation microbatches and remat policies (none / dots / full), drops those that
+do not fit in HBM and keeps the cheapest (= fastest, at a fixed chip count) layout.
+
+Assumptions (all stated here and in README "Planning a pretraining job"; none is a measurement):
+
+Memory per chip
+  * fp32 master params, fp32 grads and AdamW m, v: 16 B per local parameter, +4 B for the fp32
+    grad accumulator when grad_accum > 1 (train.py). Params shard exactly as `sharding.PARAM_RULES`
+    says: an axis the mesh size does not divide stays replicated.
+  * Activations per token and layer are counted from what JAX saves for the backward pass of
+    model.py under each policy (listed in `_residuals`), × n_layers, plus one layer's un-rematerialised
+    working set (recomputation and cotangents in the backward), plus 12·V bytes for fp32 logits,
+    softmax and their gradient. The portable attention saves the T×T scores; a "flash" chip does not.
+  * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE, and only HBM_USABLE of HBM may be planned.
+    Checked against XLA's own memory analysis on CPU (tests/test_planner.py), not on accelerators.
+
+Step time per microbatch = max(compute, HBM traffic, FSDP collectives) + FSDP first-layer exposure
++ tensor-parallel all-reduces; per step, × grad_accum, + the optimizer update (HBM-bound).
+  * compute = FLOPs / (peak × efficiency). FLOPs = metrics.flops_per_token (6N + 12·L·d·T) plus the
+    recomputed forward of remat; efficiency is DEFAULT_EFFICIENCY (an assumption) unless calibrated
+    from `anychip bench` records.
+  * FSDP all-gathers params (fwd and bwd) and reduce-scatters grads every microbatch, in the compute
+    dtype, overlapped with compute (XLA async collectives); the DP gradient all-reduce of the shard
+    likewise. TP all-reduces (2 fwd + 2 bwd per layer, Megatron) sit on the critical path.
+  * Collectives are bandwidth-bound rings, hierarchical over the scale-up domain: the in-domain part
+    at LINK_EFF × the quoted chip-to-chip bandwidth, the cross-domain part at SCALEOUT_EFF × the
+    catalog's per-chip scale-out bandwidth (400 Gb/s per GPU on EFA/IB, 50 Gb/s DCN per TPU chip,
+    200 Gb/s per Trn2 chip ...), plus a fixed latency per collective. Mesh axes fill a domain
+    innermost-first: tensor, then fsdp, then data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+
+from anychip.config import ModelConfig, load_config
+from anychip.errors import UserError
+from anychip.hardware import Catalog, Chip, get_chip, load_catalog
+from anychip.metrics import flops_per_token, matmul_params
+from anychip.model import count_params, param_axes, param_shapes
+from anychip.sharding import PARAM_RULES
+
+REMATS = ("none", "dots", "full")
+DEFAULT_EFFICIENCY = 0.45  # ASSUMPTION: sustained fraction of peak for the matmul work, every chip alike
+DEFAULT_BATCH_TOKENS = 2**22  # ≈4M tokens per step when no global batch is given (Llama-2-style)
+HBM_USABLE = 0.90  # leave 10% for the runtime, allocator fragmentation, collectives' buffers
+XLA_TEMP_FUDGE = 1.10  # XLA temp buffers beyond the counted residuals (copies, fusion outputs)
+HBM_EFF = 0.80  # achieved / peak HBM bandwidth
+LINK_EFF = 0.40  # ring bandwidth per chip / quoted aggregate (both-directions) link bandwidth: ½ × 80%
+SCALEOUT_EFF = 0.80  # achieved / nominal NIC or DCN bandwidth per chip
+LATENCY_IN, LATENCY_OUT = 10e-6, 30e-6  # seconds per collective inside / across domains
+MAX_CHIPS = 2**17
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: ModelConfig
+    tokens: int
+    seq_len: int
+    batch: int  # global batch, sequences
+    compute_bytes: int = 2  # bf16 compute; 4 for float32
+
+
+@dataclass(frozen=True)
+class Layout:
+    data: int
+    fsdp: int
+    tensor: int
+    grad_accum: int
+    remat: str
+
+    def __str__(self) -> str:
+        return f"{self.data}x{self.fsdp}x{self.tensor}"
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """The best layout of one chip at one chip count; `layout` None = infeasible (see `note`)."""
+
+    chip: str
+    chip_name: str
+    n_chips: int
+    layout: Layout | None
+    micro_rows: int = 0  # sequences per chip per microbatch
+    memory_bytes: float = math.nan
+    hbm_bytes: float | None = None
+    step_s: float = math.inf
+    mfu: float | None = None
+    tokens_per_s_per_chip: float = 0.0
+    wall_s: float = math.inf
+    cost_usd: float | None = None
+    usd_per_mtok: float | None = None
+    efficiency: float | None = None
+    calibrated: bool = False
+    breakdown: dict[str, float] = field(default_factory=dict, compare=False)
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_tokens(s: str | float | int) -> int:
+    """'6.3T', '300B', '2e9', 1_000_000 → token count (K/M/B/T are powers of 1000; B = billion)."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*", str(s).lower())
+    value = float(m.group(1)) * _SUFFIX[m.group(2)] if m and m.group(1).count(".") <= 1 else math.nan
+    if not math.isfinite(value) or value < 1:
+        raise UserError(f"tokens must be a positive count like 6.3T, 300B or 2e9, got '{s}'")
+    return int(round(value))
+
+
+def parse_duration(s: str | float) -> float:
+    """'30d', '12h', '1d12h', '90min', '2w' → seconds (a bare number is seconds)."""
+    text = str(s).strip().lower()
+    parts = re.findall(r"([0-9.]+)\s*(min|[smhdw]?)", text)
+    if not parts or re.sub(r"[0-9.]+\s*(min|[smhdw]?)", "", text).strip() or any(p[0].count(".") > 1 for p in parts):
+        raise UserError(f"expected a duration like 30d, 12h or 1d12h, got '{s}'")
+    seconds = sum(float(n) * _UNITS[u or "s"] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"the deadline must be positive, got '{s}'")
+    return seconds
+
+
+def resolve_model(spec: ModelConfig | str) -> ModelConfig:
+    """A ModelConfig, a preset name ('afm-3b') or a config YAML file (its `model:` section)."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if str(spec).endswith((".yaml", ".yml")) or Path(spec).is_file():
+        return load_config(spec).model
+    return load_config(None, [f"model={spec}"]).model
+
+
+def make_job(model: ModelConfig | str, tokens: int | str, seq_len: int, batch_size: int | None = None,
+             compute_dtype: str = "bfloat16") -> Job:
+    cfg = resolve_model(model)
+    if seq_len <= 0 or seq_len > cfg.max_seq_len:
+        raise UserError(f"seq_len must be in 1..{cfg.max_seq_len} for model {cfg.name}, got {seq_len}")
+    batch = batch_size if batch_size is not None else max(1, DEFAULT_BATCH_TOKENS // seq_len)
+    if batch <= 0:
+        raise UserError(f"batch_size must be positive, got {batch}")
+    return Job(cfg, parse_tokens(tokens), seq_len, batch, 4 if compute_dtype == "float32" else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@lru_cache(maxsize=4096)
+def local_params(cfg: ModelConfig, fsdp: int, tensor: int) -> float:
+    """Parameters held per chip under sharding.PARAM_RULES (non-dividing axes stay replicated)."""
+    sizes = {"fsdp": fsdp, "tensor": tensor}
+    leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+    total = 0.0
+    for axes, shape in zip(jax.tree.leaves(param_axes(cfg), is_leaf=leaf),
+                           jax.tree.leaves(param_shapes(cfg), is_leaf=leaf)):
+        n = float(math.prod(shape))
+        for name, dim in zip(axes, shape):
+            size = sizes.get(PARAM_RULES.get(name) or "", 1)
+            n /= size if dim % size == 0 else 1
+        total += n
+    return total
+
+
+def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool) -> tuple[float, float]:
+    """Bytes JAX saves per token per layer for the backward: (replicated over tensor, split by tensor).
+
+    Read off model.py (and checked with jax's saved-residual listing): each RMSNorm keeps the fp32
+    input and normalised value (8·D) plus the compute-dtype copy; attention keeps q, k, v after RoPE,
+    the bool mask, fp32 masked scores and exp (8·H·T) and the probabilities; SwiGLU keeps gate, up,
+    three silu intermediates and their product. 'dots' keeps only matmul outputs (scores and PV in
+    fp32), 'full' only the layer input. `b` is the compute dtype's size.
+    """
+    D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
+    Dkv = cfg.n_kv_heads * cfg.head_dim
+    cast = b if b != 4 else 0  # a separate compute-dtype copy exists only when it is not fp32
+    if remat == "full":
+        return b * D, 0.0
+    if remat == "dots":
+        attn = 0.0 if flash else 4 * H * T + 4 * D  # flash is a custom call, not a dot: recomputed
+        return 2 * b * D, b * D + 2 * b * Dkv + 2 * b * F + attn
+    norm = 8 + cast
+    attn = 4 * H if flash else (9 + b) * H * T  # flash keeps only the fp32 log-sum-exp per head
+    qk = norm * (D + Dkv) if cfg.qk_norm else 0
+    return 2 * norm * D, 2 * b * D + 2 * b * Dkv + 6 * b * F + attn + qk
+
+
+def _act_per_token(job: Job, remat: str, tensor: int, flash: bool) -> tuple[float, float]:
+    """(bytes held per token across the whole backward, bytes saved per token) for one chip."""
+    cfg, b = job.cfg, job.compute_bytes
+    rep, shard = _residuals(cfg, job.seq_len, remat, b, flash)
+    saved = cfg.n_layers * (rep + shard / tensor)
+    rep0, shard0 = _residuals(cfg, job.seq_len, "none", b, flash)
+    # In flight during one layer's backward: its cotangents (≈ half its residuals, measured on CPU),
+    # and under 'full' also the recomputed forward residuals.
+    working = (1.0 if remat == "full" else 0.5) * (rep0 + shard0 / tensor)
+    vocab_split = tensor if cfg.vocab_size % tensor == 0 else 1
+    head = 12 * cfg.vocab_size / vocab_split + (8 + b) * cfg.d_model  # logits, softmax, dlogits; final norm
+    return saved + working + head, saved
+
+
+def memory_per_chip(job: Job, layout: Layout, flash: bool = False) -> dict[str, float]:
+    """Predicted peak bytes per chip, by component (see the module docstring)."""
+    cfg, b, t, f = job.cfg, job.compute_bytes, layout.tensor, layout.fsdp
+    rows = job.batch / (layout.data * f * layout.grad_accum)
+    p = local_params(cfg, f, t)
+    states = (16 + (4 if layout.grad_accum > 1 else 0)) * p
+    # Without remat the compute-dtype casts of every layer's weights are saved for the backward.
+    casts = b * p if layout.remat == "none" and b != 4 else 0.0
+    gathered = 2 * b * local_params(cfg, 1, t) / cfg.n_layers if f > 1 else 0.0  # 2 layers all-gathered
+    held, _ = _act_per_token(job, layout.remat, t, flash)
+    acts = XLA_TEMP_FUDGE * rows * job.seq_len * held
+    return {"states": states, "weight_casts": casts, "gathered": gathered, "activations": acts,
+            "total": states + casts + gathered + acts}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time
+
+
+def _splits(chip: Chip, n: int, layout: Layout) -> dict[str, tuple[int, int]]:
+    """Each mesh axis → (ranks inside one scale-up domain, ranks across domains), innermost first."""
+    cap, out = min(chip.domain, n), {}
+    for axis, size in (("tensor", layout.tensor), ("fsdp", layout.fsdp), ("data", layout.data)):
+        inside = math.gcd(size, cap)
+        out[axis] = (inside, size // inside)
+        cap //= inside
+    return out
+
+
+def _collective_s(nbytes: float, split: tuple[int, int], chip: Chip) -> float:
+    """Reduce-scatter or all-gather of `nbytes` (the full buffer): hierarchical ring, bandwidth-bound."""
+    inside, across = split
+    t = 0.0
+    if inside > 1:
+        bw = (chip.link_bw or 0) * LINK_EFF
+        t += (inside - 1) / inside * nbytes / bw + LATENCY_IN if bw else math.inf
+    if across > 1:
+        bw = (chip.scaleout_bw or 0) * SCALEOUT_EFF
+        t += (across - 1) / across * nbytes / inside / bw + LATENCY_OUT if bw else math.inf
+    return t
+
+
+def _recompute_flops_per_token(cfg: ModelConfig, T: int, remat: str, flash: bool) -> float:
+    """Forward FLOPs redone in the backward: the layers' matmuls (not the unembedding) and attention."""
+    attn_fwd = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+    if remat == "full":
+        return 2.0 * (matmul_params(cfg) - cfg.vocab_size * cfg.d_model) + attn_fwd
+    return attn_fwd if remat == "dots" and flash else 0.0
+
+
+def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: float) -> dict[str, float]:
+    """Predicted seconds per optimizer step, with its parts (module docstring)."""
+    cfg, b, flash = job.cfg, job.compute_bytes, chip.attention == "flash"
+    t, f, ga, L = layout.tensor, layout.fsdp, layout.grad_accum, cfg.n_layers
+    tok_mb = job.batch * job.seq_len / (layout.data * f * ga)  # tokens per chip (group) per microbatch
+    fpt = flops_per_token(cfg, job.seq_len) + _recompute_flops_per_token(cfg, job.seq_len, layout.remat, flash)
+    compute = fpt * tok_mb / t / sustained_flops
+    hbm_bw = (chip.hbm_bw or 0) * HBM_EFF
+    p_group = local_params(cfg, 1, t)  # params a chip computes with (gathered over fsdp)
+    _, saved = _act_per_token(job, layout.remat, t, flash)
+    hbm = (12 * p_group + 3 * saved * tok_mb) / hbm_bw if hbm_bw else 0.0  # weights r/w, acts w+r+grad
+    sp = _splits(chip, n, layout)
+    fsdp = 3 * _collective_s(b * p_group, sp["fsdp"], chip) + 2 * _collective_s(b * p_group / f, sp["data"], chip)
+    tp = 4 * L * 2 * _collective_s(tok_mb * cfg.d_model * b, sp["tensor"], chip)
+    micro = max(compute, hbm, fsdp) + fsdp / L + tp
+    opt = 28 * local_params(cfg, f, t) / hbm_bw if hbm_bw else 0.0  # read p, g, m, v; write p, m, v
+    return {"step": ga * micro + opt, "compute": ga * compute, "hbm": ga * hbm, "fsdp": ga * fsdp,
+            "tp": ga * tp, "optimizer": opt}
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _layouts(job: Job, chip: Chip, n: int, remats: Sequence[str]) -> Iterable[tuple[Layout, int]]:
+    """(layout with grad_accum=1, sequences per chip per step) for each valid data × fsdp × tensor."""
+    cfg = job.cfg
+    for t in (1, 2, 4, 8, 16, 32, 64):
+        tp_ok = all(x % t == 0 for x in (cfg.n_heads, cfg.n_kv_heads, cfg.d_ff))
+        if t > min(chip.domain, n) or n % t or not tp_ok:
+            continue  # TP only inside one scale-up domain, on whole heads and MLP columns
+        for f in _divisors(n // t):
+            d = n // (t * f)
+            if cfg.d_model % f or job.batch % (d * f):
+                continue  # FSDP must split the embed axis; each batch shard needs whole sequences
+            for remat in remats:
+                yield Layout(d, f, t, 1, remat), job.batch // (d * f)
+
+
+def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | None, cal: bool) -> PlanRow:
+    parts = step_time(job, chip, n, layout, s)
+    step = parts["step"]
+    steps = math.ceil(job.tokens / (job.batch * job.seq_len))
+    wall = steps * step
+    cost = None if chip.price_per_hour is None else wall / 3600 * n * chip.price_per_hour
+    model_flops = flops_per_token(job.cfg, job.seq_len) * job.batch * job.seq_len
+    return PlanRow(
+        chip.key, chip.name, n, layout, job.batch // (layout.data * layout.fsdp * layout.grad_accum),
+        memory_per_chip(job, layout, chip.attention == "flash")["total"], chip.hbm_bytes, step,
+        None if not chip.peak_bf16_flops else model_flops / (step * n * chip.peak_bf16_flops),
+        job.batch * job.seq_len / step / n, wall, cost,
+        None if cost is None else cost / (steps * job.batch * job.seq_len / 1e6), eff, cal, parts,
+    )
+
+
+def _sustained(chip: Chip, calibrated: dict[str, float]) -> tuple[float | None, float | None, bool]:
+    """(sustained FLOP/s per chip, efficiency vs peak, calibrated?) for one chip."""
+    if chip.key in calibrated:
+        s = calibrated[chip.key]
+        return s, (s / chip.peak_bf16_flops if chip.peak_bf16_flops else None), True
+    if not chip.peak_bf16_flops:
+        return None, None, False
+    eff = chip.efficiency if chip.efficiency is not None else DEFAULT_EFFICIENCY
+    return chip.peak_bf16_flops * eff, eff, False
+
+
+def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | None = None,
+                remats: Sequence[str] = REMATS) -> PlanRow:
+    """The fastest layout that fits, with the largest microbatch that fits for each mesh and remat."""
+    s, eff, cal = _sustained(chip, calibrated or {})
+    if s is None:
+        return PlanRow(chip.key, chip.name, n, None, note="no peak FLOP/s: calibrate or set bf16_tflops")
+    budget = HBM_USABLE * chip.hbm_bytes if chip.hbm_bytes else math.inf
+    best: PlanRow | None = None
+    for base, rows in _layouts(job, chip, n, remats):
+        for ga in _divisors(rows):
+            layout = replace(base, grad_accum=ga)
+            if memory_per_chip(job, layout, chip.attention == "flash")["total"] <= budget:
+                row = _row(job, chip, n, layout, s, eff, cal)
+                best = row if best is None or row.step_s < best.step_s else best
+                break  # more accumulation only adds collectives: the first fit is this layout's best
+    if best is None:
+        return PlanRow(chip.key, chip.name, n, None, note=f"no layout of batch {job.batch} fits in HBM on {n}")
+    return best
+
+
+def _counts(chip: Chip) -> list[int]:
+    """Sensible chip counts: powers of two, and whole domains when the domain is not one."""
+    counts = {2**k for k in range(18)}
+    if chip.domain & (chip.domain - 1):
+        counts |= {chip.domain * 2**k for k in range(18)}
+    return sorted(c for c in counts if c <= MAX_CHIPS)
+
+
+def _meet_deadline(job: Job, chip: Chip, deadline_s: float, calibrated: dict[str, float],
+                   remats: Sequence[str]) -> PlanRow:
+    """The smallest sensible chip count whose best layout finishes within the deadline."""
+    s, _, _ = _sustained(chip, calibrated)
+    total_flops = flops_per_token(job.cfg, job.seq_len) * job.tokens
+    fastest: PlanRow | None = None
+    for n in _counts(chip):
+        if s is None or n > job.batch * chip.domain or total_flops / (n * s) > deadline_s:
+            continue  # even perfect scaling misses the deadline (or the batch cannot be split)
+        row = best_layout(job, chip, n, calibrated, remats)
+        if row.layout and row.wall_s <= deadline_s:
+            return row
+        fastest = row if row.layout and (fastest is None or row.wall_s < fastest.wall_s) else fastest
+    why = f"fastest {fastest.wall_s / 86400:.1f} d on {fastest.n_chips}" if fastest else "nothing fits"
+    return PlanRow(chip.key, chip.name, 0, None, note=f"cannot meet the deadline ({why})")
+
+
+def _chips(keys: Sequence[str] | None, catalog: Catalog) -> list[Chip]:
+    if not keys:
+        return [c for c in catalog.values() if c.training and c.peak_bf16_flops and c.hbm_bytes]
+    chips = [get_chip(k.strip(), catalog) for k in keys]
+    for c in chips:
+        if not c.training:
+            raise UserError(f"{c.key} ({c.name}) is an inference-only part; the Neuron SDK does not train on it")
+    return chips
+
+
+def _order(row: PlanRow) -> tuple:
+    return (row.layout is None, row.note.startswith("over budget"), row.cost_usd is None,
+            row.cost_usd or 0.0, row.wall_s)
+
+
+def plan(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Sequence[str] | None = None, *,
+         num_chips: int | None = None, deadline: float | str | None = None, budget: float | None = None,
+         batch_size: int | None = None, prices: Sequence[str | Path] = (),
+         calibration: Sequence[str | Path | dict] = (), remats: Sequence[str] = REMATS,
+         catalog: Catalog | None = None) -> list[PlanRow]:
+    """The best layout per chip, at `num_chips` or at the fewest chips meeting `deadline`, by cost."""
+    job = make_job(model, tokens, seq_len, batch_size)
+    catalog = catalog if catalog is not None else load_catalog(prices)
+    selected = _chips(chips, catalog)
+    calibrated = fit_sustained(load_records(calibration), catalog) if calibration else {}
+    if (num_chips is None) == (deadline is None):
+        raise UserError("give exactly one of --num-chips N or --deadline (e.g. 30d)")
+    if num_chips is not None:
+        if num_chips <= 0:
+            raise UserError(f"--num-chips must be positive, got {num_chips}")
+        rows = [best_layout(job, c, num_chips, calibrated, remats) for c in selected]
+    else:
+        secs = deadline if isinstance(deadline, (int, float)) else parse_duration(deadline)
+        rows = [_meet_deadline(job, c, secs, calibrated, remats) for c in selected]
+        if not any(r.layout for r in rows):
+            raise UserError(f"no chip can train {job.tokens:.3g} tokens within {secs / 86400:.3g} days: "
+                            + "; ".join(f"{r.chip}: {r.note}" for r in rows))
+    if budget is not None:
+        rows = [replace(r, note="over budget") if r.cost_usd is not None and r.cost_usd > budget else r
+                for r in rows]
+    return sorted(rows, key=_order)
+
+
+def sweep(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Sequence[str] | None = None, *,
+          counts: Sequence[int] = tuple(2**k for k in range(5, 15)), batch_size: int | None = None,
+          prices: Sequence[str | Path] = (), calibration: Sequence[str | Path | dict] = (),
+          catalog: Catalog | None = None) -> list[PlanRow]:
+    """Feasible best rows of each chip at several chip counts: the points of the Pareto plot."""
+    job = make_job(model, tokens, seq_len, batch_size)
+    catalog = catalog if catalog is not None else load_catalog(prices)
+    calibrated = fit_sustained(load_records(calibration), catalog) if calibration else {}
+    rows = [best_layout(job, c, n, calibrated) for c in _chips(chips, catalog) for n in counts]
+    return [r for r in rows if r.layout]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _money(x: float | None) -> str:
+    return "unknown" if x is None else (f"${x / 1e6:,.2f}M" if x >= 1e6 else f"${x:,.0f}")
+
+
+def format_plan_table(rows: Sequence[PlanRow]) -> str:
+    """A text table, one row per chip (and chip count), in the given order."""
+    head = ("chip", "chips", "mesh dxfxt", "micro x accum", "remat", "mem/HBM GB", "step s", "MFU",
+            "tok/s/chip", "days", "cost", "$/Mtok", "note")
+    out = [head]
+    for r in rows:
+        if r.layout is None:
+            out.append((r.chip, str(r.n_chips or "-")) + ("",) * 10 + (r.note,))
+            continue
+        hbm = "?" if r.hbm_bytes is None else f"{r.hbm_bytes / 1e9:.0f}"
+        eff = f"eff {r.efficiency:.2f}{' cal' if r.calibrated else ''}" if r.efficiency else "calibrated"
+        out.append((
+            r.chip, f"{r.n_chips:,}", str(r.layout), f"{r.micro_rows} x {r.layout.grad_accum}", r.layout.remat,
+            f"{r.memory_bytes / 1e9:.0f}/{hbm}", f"{r.step_s:.2f}", "-" if r.mfu is None else f"{100 * r.mfu:.0f}%",
+            f"{r.tokens_per_s_per_chip:,.0f}", f"{r.wall_s / 86400:.1f}", _money(r.cost_usd),
+            "-" if r.usd_per_mtok is None else f"{r.usd_per_mtok:.3f}", ", ".join(x for x in (eff, r.note) if x),
+        ))
+    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, 2, 4, 12) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in out)
+
+
+def pareto_plot(rows: Sequence[PlanRow], path: str | Path, title: str = "") -> Path:
+    """Cost vs wall time, one line per chip through its chip counts; the Pareto frontier in black."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no global pyplot backend state
+    from matplotlib.figure import Figure
+
+    pts = [r for r in rows if r.layout and r.cost_usd is not None]
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key in dict.fromkeys(r.chip for r in pts):
+        mine = sorted((r for r in pts if r.chip == key), key=lambda r: r.n_chips)
+        ax.plot([r.wall_s / 86400 for r in mine], [r.cost_usd for r in mine], "o-", label=key, alpha=0.8)
+        for r in mine:
+            ax.annotate(str(r.n_chips), (r.wall_s / 86400, r.cost_usd), fontsize=6, alpha=0.6)
+    frontier, best = [], math.inf
+    for r in sorted(pts, key=lambda r: (r.wall_s, r.cost_usd)):
+        if r.cost_usd < best:
+            frontier.append(r)
+            best = r.cost_usd
+    ax.step([r.wall_s / 86400 for r in frontier], [r.cost_usd for r in frontier], "k--", where="post",
+            label="Pareto frontier", linewidth=1)
+    unpriced = sorted({r.chip for r in rows if r.layout and r.cost_usd is None})
+    ax.set(xscale="log", yscale="log", xlabel="wall time (days)", ylabel="cost (USD, list price)",
+           title=title + (f"\n(no price: {', '.join(unpriced)})" if unpriced else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration from `anychip bench` records
+
+
+_RECORD_KEYS = ("chip", "model", "seq_len", "batch_size", "n_devices", "mesh", "remat", "step_time_s")
+
+
+def load_records(sources: Iterable[str | Path | dict]) -> list[dict[str, Any]]:
+    """Bench records from JSON files (one record or a list each), or records given as dicts."""
+    records: list[dict[str, Any]] = []
+    for src in sources:
+        if isinstance(src, dict):
+            records.append(src)
+            continue
+        path = Path(src)
+        if not path.is_file():
+            raise UserError(f"calibration file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        records.extend(data if isinstance(data, list) else [data])
+    for i, r in enumerate(records):
+        missing = [k for k in _RECORD_KEYS if k not in r]
+        if missing:
+            raise UserError(f"calibration record {i}: missing {', '.join(missing)}")
+    return records
+
+
+def _case(record: dict[str, Any], catalog: Catalog) -> tuple[Job, Chip, int, Layout]:
+    """The planner's view of a measured run: job, chip, chip count, layout."""
+    try:
+        cfg = ModelConfig(**record["model"])
+    except TypeError as e:
+        raise UserError(f"calibration record for {record['chip']}: bad model ({e})") from None
+    chip = get_chip(record["chip"], catalog)
+    mesh = record["mesh"]
+    layout = Layout(int(mesh.get("data", 1)), int(mesh.get("fsdp", 1)), int(mesh.get("tensor", 1)),
+                    int(record.get("grad_accum", 1)), record["remat"] if record["remat"] in REMATS else "dots")
+    job = Job(cfg, 1, int(record["seq_len"]), int(record["batch_size"]),
+              4 if record.get("compute_dtype") == "float32" else 2)
+    n = max(1, round(int(record["n_devices"]) / chip.devices_per_chip))
+    return job, chip, n, layout
+
+
+def _implied_sustained(record: dict[str, Any], catalog: Catalog) -> float:
+    """The sustained FLOP/s per chip at which the model reproduces the measured step time (bisection)."""
+    job, chip, n, layout = _case(record, catalog)
+    target = float(record["step_time_s"])
+    lo, hi = 1e3, 1e19
+    if step_time(job, chip, n, layout, hi)["step"] >= target:
+        return math.inf  # communication/memory alone already explain the time: compute cannot be fitted
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if step_time(job, chip, n, layout, mid)["step"] > target else (lo, mid)
+        if hi / lo < 1 + 1e-9:
+            break
+    return math.sqrt(lo * hi)
+
+
+def fit_sustained(records: Sequence[dict[str, Any]], catalog: Catalog | None = None) -> dict[str, float]:
+    """Per chip: the median over its records of the implied sustained FLOP/s.
+
+    One scalar per chip, not a curve in arithmetic intensity: a bench run measures the shape the user
+    is about to train, records are few, and a median is robust to one noisy run. Its limit: a scalar
+    fitted on a small model overstates the step time of a much larger one (matmul efficiency grows
+    with size), so calibrate with the shape you plan, and read the leave-one-out error in the report.
+    """
+    catalog = catalog if catalog is not None else load_catalog()
+    implied: dict[str, list[float]] = {}
+    for r in records:
+        s = _implied_sustained(r, catalog)
+        if math.isfinite(s):
+            implied.setdefault(r["chip"], []).append(s)
+    return {k: statistics.median(v) for k, v in implied.items()}
+
+
+def calibration_report(records: Sequence[dict[str, Any]], catalog: Catalog | None = None) -> list[dict[str, Any]]:
+    """Per record: measured step time, the prediction with the default efficiency and after fitting.
+
+    The fitted prediction for a record uses only the chip's other records (leave-one-out) when there
+    are any, so its error is an honest out-of-sample figure; with one record it is in-sample (= 0).
+    """
+    catalog = catalog if catalog is not None else load_catalog()
+    out = []
+    for i, r in enumerate(records):
+        job, chip, n, layout = _case(r, catalog)
+        measured = float(r["step_time_s"])
+        s_default, _, _ = _sustained(chip, {})
+        others = [x for j, x in enumerate(records) if j != i and x["chip"] == r["chip"]]
+        fitted = fit_sustained(others or [r], catalog).get(chip.key)
+        pred_default = step_time(job, chip, n, layout, s_default)["step"] if s_default else None
+        pred_fit = step_time(job, chip, n, layout, fitted)["step"] if fitted else None
+        implied = _implied_sustained(r, catalog)
+        out.append({
+            "chip": chip.key, "model": job.cfg.name, "seq_len": job.seq_len, "batch_size": job.batch,
+            "n_chips": n, "mesh": str(layout), "remat": layout.remat, "measured_s": measured,
+            "predicted_default_s": pred_default,
+            "error_default": None if pred_default is None else pred_default / measured - 1,
+            "predicted_fit_s": pred_fit, "error_fit": None if pred_fit is None else pred_fit / measured - 1,
+            "fit": "leave-one-out" if others else "in-sample",
+            "implied_efficiency": implied / chip.peak_bf16_flops if chip.peak_bf16_flops else None,
+            "implied_tflops": implied / 1e12,
+        })
+    return out
+
+
+def format_calibration_table(rows: Sequence[dict[str, Any]]) -> str:
+    pct = lambda x: "-" if x is None else f"{100 * x:+.0f}%"  # noqa: E731
+    lines = [f"{'chip':8} {'model':10} {'batch x seq':>12} {'mesh':>9} {'remat':5} {'measured':>9} "
+             f"{'default':>9} {'err':>6} {'fitted':>9} {'err':>6} {'eff':>5}"]
+    for r in rows:
+        lines.append(
+            f"{r['chip']:8} {r['model']:10} {r['batch_size']:>5} x {r['seq_len']:<5} {r['mesh']:>9} {r['remat']:5} "
+            f"{r['measured_s']:9.4f} {r['predicted_default_s'] or math.nan:9.4f} {pct(r['error_default']):>6} "
+            f"{r['predicted_fit_s'] or math.nan:9.4f} {pct(r['error_fit']):>6} "
+            f"{'-' if r['implied_efficiency'] is None else format(r['implied_efficiency'], '.2f'):>5}")
+    return "\n".join(lines)
+
+
+def measure_record(cfg: ModelConfig, seq_len: int, batch_size: int, remat: str = "none", steps: int = 3,
+                   compute_dtype: str = "float32") -> dict[str, Any]:
+    """Time a forward + backward + AdamW step on the current device and return a bench-style record.
+
+    A stand-in for `anychip bench` so tests can check the planner's error on CPU (float32 by
+    default: XLA:CPU emulates bf16 matmuls, which says nothing about the model).
+    """
+    import jax.numpy as jnp
+    import optax
+
+    from anychip.config import to_dict
+    from anychip.hardware import detect
+    from anychip.model import cross_entropy, forward, init_params
+
+    dtype = jnp.float32 if compute_dtype == "float32" else jnp.bfloat16
+    opt = optax.adamw(1e-3)
+
+    def train_step(params, opt_state, tokens):
+        loss_fn = lambda p: cross_entropy(forward(p, tokens[:, :-1], cfg, compute_dtype=dtype, remat=remat),  # noqa: E731
+                                          tokens[:, 1:])[0]
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = init_params(cfg, jax.random.key(0))
+    state = opt.init(params)
+    tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 0, cfg.vocab_size, jnp.int32)
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+    params, state, loss = step(params, state, tokens)  # compile and warm up: not timed
+    jax.block_until_ready(loss)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        params, state, loss = step(params, state, tokens)
+    jax.block_until_ready(loss)
+    elapsed = (time.perf_counter() - t0) / steps
+    return {
+        "chip": detect().key, "device_kind": jax.devices()[0].device_kind, "model": to_dict(cfg),
+        "seq_len": seq_len, "batch_size": batch_size, "grad_accum": 1, "n_devices": 1,
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "remat": remat, "compute_dtype": compute_dtype,
+        "step_time_s": elapsed, "tokens_per_s": batch_size * seq_len / elapsed, "mfu": None,
+        "peak_memory_bytes": None,
+    }
