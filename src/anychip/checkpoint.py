@@ -24,8 +24,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,7 @@ class Checkpointer:
         try:
             # force: we decide when to save; orbax would refuse a step below the latest (after a rewind).
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        except Exception as e:  # the directory is a file, read-only, full, ...
+        except Exception as e:  # noqa: BLE001 - whatever the filesystem raised (read-only, full, not a dir)
             self._failed(step, e)
             return False
         self._pending = step
@@ -123,7 +124,7 @@ class Checkpointer:
         step, self._pending = self._pending, None
         try:
             self._manager.wait_until_finished()
-        except Exception as e:  # an async write failed; orbax re-raises it here
+        except Exception as e:  # noqa: BLE001 - an async write failed; orbax re-raises whatever it was
             self._failed(step, e)
             return False
         return True
@@ -172,7 +173,7 @@ class Checkpointer:
                 state, meta = self.restore(step, abstract_state)
             except UserError:
                 raise
-            except Exception as e:  # orbax/tensorstore errors, JSON errors, CorruptCheckpoint
+            except Exception as e:  # noqa: BLE001 - damage shows as tensorstore, JSON or fingerprint errors
                 failures.append((step, e))
                 continue
             for bad, error in failures:

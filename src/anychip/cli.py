@@ -25,16 +25,26 @@ def load_config_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from anychip.generate import generate_text
-    from anychip.train import train
+    from anychip.train import Preempted, train
 
     t0 = time.perf_counter()
     cfg = load_config_args(args)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Preempted as e:  # SIGTERM/SIGINT: 75 = checkpoint written, rerun to resume (README)
+        print(f"anychip: {e}", file=sys.stderr)
+        return e.exit_code
+    import jax  # after train(): jax.distributed must start before anything asks for devices
+
+    if jax.process_index() != 0:  # process 0 speaks for the run
+        return 0
     print(f"done in {time.perf_counter() - t0:.0f}s: {summary['steps']} steps, held-out loss "
           f"{summary['initial_eval_loss'] or float('nan'):.3f} -> {summary['eval_loss']:.3f} "
           f"(perplexity {summary['perplexity']:.1f}, {summary['bits_per_byte']:.3f} bits/byte); "
           f"run saved in {summary['run_dir']}")
-    if cfg.train.sample_tokens:
+    if cfg.train.sample_tokens and jax.process_count() > 1:
+        print("(no sample: params span several processes; run `anychip generate RUN_DIR` on one host)")
+    elif cfg.train.sample_tokens:
         from anychip.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(os.path.join(summary["run_dir"], "tokenizer.json"))

@@ -344,7 +344,7 @@ def write_run(cfg: Config, params: Params, tokenizer: Any, source: str) -> Path:
     meta = {"config": to_dict(cfg), "data_seed": cfg.train.seed, "anychip_version": __version__,
             "tokenizer_sha256": tokenizer_hash(tokenizer), "imported_from": source}
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", async_save=False)
-    ckpt.save(0, state, meta)
+    ckpt.save(0, state, meta, tokenizer=checkpoint.tokenizer_json(run_dir / "tokenizer.json"))
     ckpt.close()
     return run_dir
 
@@ -361,8 +361,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str]
     if bool(extend_with) != (extra_tokens > 0):
         raise UserError("extending the vocabulary needs both a corpus (extend_with) and extra_tokens > 0")
     model = model_config_from_hf(_read_json(hf_dir / "config.json"), name=hf_dir.name)
+    files = weight_files(hf_dir)
     tokenizer = _load_hf_tokenizer(hf_dir, model)
-    params = params_from_hf(read_safetensors(weight_files(hf_dir)), model)
+    params = params_from_hf(read_safetensors(files), model)
     if extend_with:
         first_new = max(tokenizer.get_vocab().values()) + 1
         texts = read_documents(find_files(extend_with), Counter())

@@ -171,7 +171,7 @@ def replicated(mesh: AnyMesh) -> NamedSharding:
 # unless a train/eval step is being traced under `activation_mesh(mesh)`, so the model stays a pure
 # function that knows nothing about meshes, and single-device code (generate, tests) is unchanged.
 
-_ACTIVATION_MESH: contextvars.ContextVar[AnyMesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+_ACTIVATION_MESH: contextvars.ContextVar[AnyMesh | None] = contextvars.ContextVar("mesh", default=None)
 
 
 @contextlib.contextmanager
@@ -192,7 +192,8 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     mesh = _ACTIVATION_MESH.get()
     if mesh is None or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, ACTIVATION_RULES)))
+    spec = spec_for(axes, x.shape, mesh, ACTIVATION_RULES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def with_activation_sharding(fn: Callable, mesh: AnyMesh) -> Callable:

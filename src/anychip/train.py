@@ -7,8 +7,15 @@ checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -19,8 +26,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from anychip import __version__, checkpoint, hardware, sharding
-from anychip.config import Config, load_config, replace, save_config, to_dict
+from anychip import __version__, checkpoint, hardware, memory, sharding
+from anychip.config import CheckpointConfig, Config, load_config, replace, save_config, to_dict
 from anychip.data import TokenDataset, builtin_corpus
 from anychip.errors import UserError
 from anychip.kernels.attention import resolve as resolve_attention
@@ -30,12 +37,39 @@ from anychip.optim import learning_rate_schedule, make_optimizer
 from anychip.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# sysexits EX_TEMPFAIL ("try again"): stopped by SIGTERM/SIGINT after writing a checkpoint; rerun to resume.
+PREEMPTED_EXIT_CODE = 75
+MAX_NONFINITE_RESTORES = 3  # per process: a run that keeps diverging after this many restores stops
 
 
 class TrainState(NamedTuple):
     step: jax.Array
     params: Any
     opt_state: Any
+
+
+class LrScaleState(NamedTuple):
+    scale: jax.Array  # () float32: learning-rate multiplier, lowered by the non-finite guard
+
+
+def scale_learning_rate() -> optax.GradientTransformation:
+    """Multiply the updates by a factor held in the optimizer state, so that it is checkpointed and a
+    resumed run uses the same one. AdamW's update (weight decay included) is proportional to the
+    learning rate, so this scales the learning rate; at 1.0 it changes no bit."""
+
+    def update(updates: Any, state: LrScaleState, params: Any = None) -> tuple[Any, LrScaleState]:
+        return jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: LrScaleState(jnp.ones((), jnp.float32)), update)
+
+
+def lr_scale(state: TrainState) -> float:
+    return float(state.opt_state[-1].scale)
+
+
+def with_lr_scale(state: TrainState, scale: float, trainer: Trainer) -> TrainState:
+    value = jax.device_put(jnp.float32(scale), trainer.state_shardings.opt_state[-1].scale)
+    return state._replace(opt_state=(*state.opt_state[:-1], LrScaleState(value)))
 
 
 class Trainer(NamedTuple):
@@ -87,7 +121,7 @@ def grads_and_loss(params: Any, batch: jax.Array, cfg: Config) -> tuple[Any, jax
 def build_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh  # an AbstractMesh lowers without devices
     sharding.check_batch(mesh, cfg.train.batch_size, cfg.train.grad_accum)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = optax.chain(make_optimizer(cfg.optim, cfg.train.steps), scale_learning_rate())
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     p_shard = sharding.param_shardings(param_axes(cfg.model), param_shapes(cfg.model), mesh)
     repl = sharding.replicated(mesh)
@@ -104,9 +138,17 @@ def build_trainer(cfg: Config, mesh: Mesh | None = None) -> Trainer:
 
     def train_step(state: TrainState, batch: jax.Array):
         grads, ce = grads_and_loss(state.params, batch, cfg)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        # Non-finite guard: a NaN/Inf loss or gradient keeps the old params and optimizer state. A select,
+        # not lax.cond: the portable step has no control flow (Trainium), and a select is bit-exact.
+        finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
+        lr = schedule(state.step) * state.opt_state[-1].scale
+        metrics = {"loss": ce, "grad_norm": grad_norm, "lr": lr, "skipped": 1.0 - finite.astype(jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def eval_loss(params: Any, batch: jax.Array) -> jax.Array:
@@ -159,13 +201,14 @@ def evaluate(trainer: Trainer, params: Any, ds: TokenDataset, max_batches: int |
     """
     cfg = trainer.cfg.train
     nats, tokens, n_bytes = 0.0, 0, 0
-    for rows in ds.eval_batches(cfg.batch_size, cfg.seq_len, max_batches, jax.process_index(), jax.process_count()):
-        batch = sharding.global_batch(rows, trainer.mesh, rows.shape[0] * jax.process_count())
+    index, count = sharding.data_shard(trainer.mesh, cfg.batch_size)  # this process's rows of each batch
+    for rows in ds.eval_batches(cfg.batch_size, cfg.seq_len, max_batches, index, count):
+        batch = sharding.global_batch(rows, trainer.mesh, rows.shape[0] * count)
         n = batch.shape[0] * cfg.seq_len
         nats += float(trainer.eval_loss(params, batch)) * n
         tokens += n
         if byte_lengths is not None:
-            n_bytes += int(byte_lengths[rows[:, 1:]].sum()) * jax.process_count()
+            n_bytes += int(byte_lengths[rows[:, 1:]].sum()) * count
     result = {"eval_loss": nats / max(tokens, 1), "eval_tokens": tokens}
     result["perplexity"] = math.exp(min(result["eval_loss"], 700.0))
     if byte_lengths is not None:
@@ -201,18 +244,96 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Config, Any,
         raise UserError(f"{run_dir} has no checkpoint")
     trainer = build_trainer(cfg)
     state, _ = ckpt.restore(step, abstract_state(trainer))
+    tokenizer = _run_tokenizer(run_dir, ckpt, step)
     ckpt.close()
-    return cfg, state.params, load_tokenizer(run_dir / "tokenizer.json")
+    return cfg, state.params, tokenizer
 
 
-def start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer, log: Callable[[str], None]) -> TrainState:
-    """Resume from the newest checkpoint in the run, else load `init_from` params, else initialise."""
+def _run_tokenizer(run_dir: Path, ckpt: checkpoint.Checkpointer, step: int) -> Any:
+    """The run's tokenizer.json, else the copy inside the checkpoint (a checkpoint copied on its own)."""
+    if (run_dir / "tokenizer.json").is_file() or (stored := ckpt.read_tokenizer(step)) is None:
+        return load_tokenizer(run_dir / "tokenizer.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(stored), encoding="utf-8")
+        return load_tokenizer(Path(tmp) / "tokenizer.json")
+
+
+def open_checkpointer(cfg: Config, log: Callable[[str], None] = print) -> checkpoint.Checkpointer:
+    c = cfg.checkpoint
+    return checkpoint.Checkpointer(Path(cfg.run_dir) / "checkpoints", keep=c.keep, keep_every=c.keep_every,
+                                   async_save=c.async_save, on_save_error=c.on_save_error, log=log)
+
+
+def resume_step(cfg: Config, ckpt: checkpoint.Checkpointer) -> int | None:
+    """The checkpoint `checkpoint.resume` asks for (None: start fresh), decided before run_dir changes."""
+    steps, mode = ckpt.all_steps(), cfg.checkpoint.resume
+    if mode == "never" and steps:
+        raise UserError(f"{ckpt.directory} already holds checkpoints (steps {steps[0]}..{steps[-1]}) and "
+                        "checkpoint.resume=never; choose a new run_dir (nothing was changed)")
+    if mode in ("auto", "never"):
+        return steps[-1] if steps and mode == "auto" else None
+    if int(mode) not in steps:
+        raise UserError(f"checkpoint.resume={mode}: {ckpt.directory} has no checkpoint {mode} (it has {steps})")
+    return int(mode)
+
+
+def resume(trainer: Trainer, ckpt: checkpoint.Checkpointer, step: int,
+           log: Callable[[str], None]) -> tuple[TrainState, dict[str, Any]]:
+    """Restore checkpoint `step`: with resume=auto the newest that restores intact, else exactly `step`,
+    moving newer checkpoints to checkpoints.rewound/ (the steps ahead will be saved again)."""
+    if trainer.cfg.checkpoint.resume == "auto":
+        found = ckpt.restore_newest(abstract_state(trainer), max_step=step)
+        if found is None:  # all vanished since resume_step listed them
+            raise UserError(f"the checkpoints in {ckpt.directory} disappeared while resuming")
+        step, state, meta = found
+    else:
+        state, meta = ckpt.restore(step, abstract_state(trainer))
+        newer = [s for s in ckpt.all_steps() if s > step]
+        if newer:
+            where = ckpt.set_aside(newer, "rewound")
+            metrics = Path(trainer.cfg.run_dir) / "metrics.jsonl"
+            if metrics.is_file():
+                shutil.copyfile(metrics, where / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            log(f"rewinding to step {step}: moved checkpoints {newer} and a copy of metrics.jsonl to {where}")
+    changed = config_changes(meta.get("config", {}), to_dict(trainer.cfg))
+    log(f"resumed from {ckpt.directory}/{step}" + (f" with changed settings: {changed}" if changed else ""))
+    return state, meta
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """'train.steps 100 -> 200, ...' for the settings that differ (checkpoint.resume aside)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.append(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b and f"{prefix}{key}" != "checkpoint.resume":
+            changes.append(f"{prefix}{key} {a} -> {b}")
+    return ", ".join(c for c in changes if c)
+
+
+def check_same_data(meta: dict[str, Any], data_dir: Path, train_ds: TokenDataset, log: Callable[[str], None]) -> None:
+    """A resumed run must read the same tokens: a new tokenizer is an error, new data a warning."""
+    if meta.get("tokenizer_sha256") not in (None, train_ds.manifest["tokenizer_sha256"]):
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than checkpoint {meta.get('step')} "
+                        "of this run_dir was trained with; use the run's data or start a new run_dir")
+    if meta.get("data_manifest_sha256") not in (None, file_sha256(data_dir / "manifest.json")):
+        log(f"warning: {data_dir} is not the data checkpoint {meta.get('step')} was trained on (manifest "
+            "differs): training goes on, but the data order does not continue exactly")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer,
+                log: Callable[[str], None]) -> tuple[TrainState, dict[str, Any] | None]:
+    """(state, its checkpoint's meta): resumed as `checkpoint.resume` says, else from `init_from` params,
+    else initialised (meta None)."""
     cfg = trainer.cfg
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, _ = ckpt.restore(latest, abstract_state(trainer))
-        log(f"resumed from {ckpt.directory}/{latest}")
-        return state
+    step = resume_step(cfg, ckpt)
+    if step is not None:
+        return resume(trainer, ckpt, step, log)
     state = trainer.init(jax.random.key(cfg.train.seed))
     if cfg.init_from:
         # Orbax restores whole trees only, and the source's optimizer-state layout follows the source's
@@ -224,11 +345,13 @@ def start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer, log: Callable[[
         params = jax.tree.map(lambda p, own: p.astype(own.dtype), params, state.params)
         state = state._replace(params=jax.device_put(params, trainer.state_shardings.params))
         log(f"initialised parameters from {cfg.init_from}; optimizer state is fresh")
-    return state
+    return state, None
 
 
 def prepare_run_dir(cfg: Config, data_dir: Path, train_ds: TokenDataset) -> Path:
     run_dir = Path(cfg.run_dir)
+    if not sharding.is_main_process():  # one writer per run; the other processes only read
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     shutil.copyfile(train_ds.tokenizer_path, run_dir / "tokenizer.json")
@@ -236,11 +359,62 @@ def prepare_run_dir(cfg: Config, data_dir: Path, train_ds: TokenDataset) -> Path
     return run_dir
 
 
-def checkpoint_meta(cfg: Config, train_ds: TokenDataset) -> dict[str, Any]:
+def checkpoint_meta(cfg: Config, data_dir: Path, train_ds: TokenDataset) -> dict[str, Any]:
+    """What a checkpoint records besides the arrays (the loop adds the data position and metrics length)."""
     return {
         "config": to_dict(cfg), "data_seed": cfg.train.seed, "anychip_version": __version__,
         "tokenizer_sha256": train_ds.manifest["tokenizer_sha256"],
+        "data_manifest_sha256": file_sha256(data_dir / "manifest.json"),
     }
+
+
+def truncate_metrics(run_dir: Path, meta: dict[str, Any] | None, log: Callable[[str], None]) -> None:
+    """Cut metrics.jsonl back to its length when the restored checkpoint was written (empty when starting
+    fresh): rows a killed run wrote after its last checkpoint are written again, identically, on resume."""
+    path, keep = run_dir / "metrics.jsonl", 0 if meta is None else meta.get("metrics_bytes")
+    if keep is None or not path.is_file() or jax.process_index() != 0:
+        return
+    if path.stat().st_size < keep:
+        log(f"warning: {path} is shorter than when checkpoint {meta and meta.get('step')} was written; left as is")
+    elif path.stat().st_size > keep:
+        os.truncate(path, keep)
+
+
+def start_up(cfg: Config, log: Callable[[str], None]) -> tuple[Config, Callable[[str], None]]:
+    """Before any JAX computation: jax.distributed (multi-process runs), the persistent compilation
+    cache, then train.auto_fit. Returns the config to run and this process's log: only process 0
+    prints, the others would repeat it."""
+    sharding.initialize_distributed(cfg.distributed, log)
+    sharding.enable_compile_cache(cfg.train.compile_cache_dir)
+    log = log if sharding.is_main_process() else (lambda _message: None)
+    return (memory.auto_fit(cfg, jax.device_count(), log) if cfg.train.auto_fit else cfg), log
+
+
+def compile_step(trainer: Trainer, state: TrainState, batch: jax.Array,
+                 log: Callable[[str], None]) -> Callable:
+    """AOT-compile the train step: the planner's memory estimate before, compile time and XLA's memory
+    analysis after (a persistent-cache hit shows as a short compile)."""
+    log(memory.format_estimate(memory.estimate(trainer.cfg, dict(trainer.mesh.shape))))
+    t0 = time.perf_counter()
+    compiled = trainer.step.lower(state, batch).compile()
+    log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+    peak, summary = memory.xla_peak_bytes(compiled)
+    log(summary)
+    memory.check_fits(peak, log)
+    return compiled
+
+
+class _Discard:
+    """The metrics writer and progress stream of processes other than 0: the same calls, nothing written."""
+
+    def write(self, *_args: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class StepLogger:
@@ -250,26 +424,49 @@ class StepLogger:
     step s-1's metrics right after dispatching step s costs nothing: step s-1 is already done.
     """
 
-    def __init__(self, cfg: Config, writer: MetricsWriter, start: int, chip: hardware.Chip):
-        self.cfg, self.writer, self.chip = cfg, writer, chip
-        self.progress = Progress(cfg.train.steps, start)
+    def __init__(self, cfg: Config, writer: MetricsWriter, start: int, chip: hardware.Chip,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.writer, self.chip, self.log = cfg, writer, chip, log
+        stream = sys.stderr if sharding.is_main_process() else _Discard()
+        self.progress = Progress(cfg.train.steps, start, stream=stream)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.pending: tuple[int, dict[str, jax.Array]] | None = None
         self.last_time, self.last_step = time.perf_counter(), start
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.bad_steps: list[int] = []  # the current run of consecutive skipped (non-finite) steps
 
     def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Record that `step` was dispatched; log the previously pushed step if it is due."""
         if self.pending is not None:
-            self._log(*self.pending)
+            self._take(*self.pending)
         self.pending = (step, metrics)
+
+    def drain(self) -> None:
+        """Take the pending step now (logged only if due, as it would be later): before a checkpoint, so
+        metrics.jsonl holds exactly the rows up to it, whenever the checkpoint is taken."""
+        if self.pending is not None:
+            self._take(*self.pending)
+        self.pending = None
 
     def flush(self) -> None:
         if self.pending is not None:
-            self._log(*self.pending, force=True)
+            self._take(*self.pending, force=True)
         self.pending = None
+
+    def reset(self, step: int) -> None:
+        """Forget the pending step and the bad run: the loop went back to checkpoint `step`."""
+        self.pending, self.bad_steps = None, []
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def _take(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
+        # Every step's flag, not only logged steps': the step is finished, so reading it costs no wait.
+        skipped = "skipped" in metrics and float(metrics["skipped"]) > 0
+        self.bad_steps = [*self.bad_steps, step] if skipped else []
+        if skipped:
+            self.log(f"warning: step {step}: the loss or a gradient is not finite; update skipped")
+        self._log(step, metrics, force or skipped)
 
     def _log(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
         if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step + 1 == 1):
@@ -287,50 +484,225 @@ class StepLogger:
         self.last_time, self.last_step = now, step
 
 
-def train(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns the final summary."""
+class Preempted(Exception):
+    """`train` stopped on SIGTERM/SIGINT; exit_code is PREEMPTED_EXIT_CODE if its checkpoint was written."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NonFiniteError(UserError):
+    """The loss or gradients stayed NaN/Inf for train.nonfinite_patience steps and no restore was possible."""
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every process if it is True on any: processes must take the same checkpoint/stop decisions,
+    or their collectives hang. Free with one process; a tiny all-gather with several."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+class StopSignals:
+    """SIGTERM/SIGINT ask the loop to stop after the current step and write a checkpoint.
+
+    A watchdog exits with 128+signal if that takes longer than `grace_s` (the scheduler's SIGKILL would
+    come next; this way the exit code tells). A second SIGINT kills at once: the first resets SIGINT to
+    the OS default, which acts even while the main thread is inside XLA, where a Python handler would
+    only run after the step. The handler only sets a flag: printing there could re-enter a print.
+    """
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._watchdog: threading.Timer | None = None
+
+    def __enter__(self) -> StopSignals:  # noqa: PYI034 - a plain class, not meant for subclassing
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self._watchdog = threading.Timer(self.grace_s, self._expire)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _expire(self) -> None:
+        print(f"anychip: no checkpoint within checkpoint.grace_s={self.grace_s:g}s of {self.name}; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(128 + (self.signum or signal.SIGTERM))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    def requested(self) -> bool:
+        return agree_any(self.signum is not None)
+
+
+class SaveSchedule:
+    """Checkpoint every `every_steps` steps and/or once `every_minutes` passed since the last save."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.every_steps, self.every_s, self.last = cfg.every_steps, cfg.every_minutes * 60, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_s) and agree_any(time.monotonic() - self.last >= self.every_s)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+class Loop:
+    """The steps of one `train` call: batches, eval, checkpoints, stop signals and the non-finite guard."""
+
+    def __init__(self, trainer: Trainer, ckpt: checkpoint.Checkpointer, writer: Any, logger: StepLogger,
+                 datasets: tuple[TokenDataset, TokenDataset], meta: dict[str, Any], log: Callable[[str], None]):
+        self.trainer, self.cfg, self.ckpt, self.writer, self.logger = trainer, trainer.cfg, ckpt, writer, logger
+        (self.train_ds, self.val_ds), self.meta, self.log = datasets, meta, log
+        self.byte_lengths = token_byte_lengths(load_tokenizer(self.train_ds.tokenizer_path))
+        self.tokenizer = checkpoint.tokenizer_json(self.train_ds.tokenizer_path)
+        self.shard = sharding.data_shard(trainer.mesh, self.cfg.train.batch_size)  # this process's rows
+        self.schedule = SaveSchedule(self.cfg.checkpoint)
+        self.saved_step: int | None = None
+        self.restores = 0
+
+    def next_batch(self, step: int) -> jax.Array:
+        t = self.cfg.train
+        rows = self.train_ds.batch(step, t.batch_size, t.seq_len, t.seed, *self.shard)
+        return sharding.global_batch(rows, self.trainer.mesh, t.batch_size)
+
+    def evaluate(self, params: Any, step: int, write: bool = True) -> dict[str, float]:
+        result = evaluate(self.trainer, params, self.val_ds, self.cfg.train.eval_batches, self.byte_lengths)
+        if write:
+            self.writer.write({"step": step, **result})
+        self.log(f"step {step}: held-out loss {result['eval_loss']:.4f} ({result['bits_per_byte']:.3f} bits/byte)")
+        return result
+
+    def run(self, state: TrainState, start: int, stop: StopSignals,
+            on_step: Callable[[int, TrainState], TrainState | None] | None) -> TrainState:
+        t, step = self.cfg.train, start
+        if start < t.steps:
+            step_fn = compile_step(self.trainer, state, self.next_batch(start), self.log)
+        while step < t.steps:
+            state, metrics = step_fn(state, self.next_batch(step))
+            step += 1
+            self.logger.push(step, metrics)
+            if on_step is not None:
+                state = on_step(step, state) or state
+            if len(self.logger.bad_steps) >= t.nonfinite_patience > 0:
+                state = self.recover(state)
+                step = int(state.step)
+                continue
+            if step % t.eval_every == 0 and step < t.steps:
+                self.evaluate(state.params, step)
+            if step < t.steps and self.schedule.due(step):
+                self.save(step, state)
+            if stop.requested():
+                self.stop(step, state, stop)
+        return state
+
+    def save(self, step: int, state: TrainState) -> bool:
+        self.logger.drain()  # metrics.jsonl holds every row up to `step` before its length is recorded
+        metrics = Path(self.cfg.run_dir) / "metrics.jsonl"
+        meta = {**self.meta, "data_next_step": step, "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0}
+        self.schedule.saved()
+        self.saved_step = step
+        return self.ckpt.save(step, state, meta, self.tokenizer)
+
+    def stop(self, step: int, state: TrainState, stop: StopSignals) -> None:
+        self.log(f"{stop.name}: writing checkpoint {step}, then exiting")
+        ok = self.save(step, state) if self.saved_step != step else True
+        if self.ckpt.wait() and ok:
+            raise Preempted(f"stopped by {stop.name} at step {step}; checkpoint {step} written: run the same "
+                            "command to resume", PREEMPTED_EXIT_CODE)
+        raise Preempted(f"stopped by {stop.name} at step {step}; its checkpoint could not be written (the "
+                        "earlier ones are intact)", 128 + (stop.signum or signal.SIGTERM))
+
+    def recover(self, state: TrainState) -> TrainState:
+        """After `nonfinite_patience` skipped steps in a row: back to the newest checkpoint from before them
+        with a lower learning rate (a replay at the same one would likely diverge the same way), or stop."""
+        t, bad = self.cfg.train, self.logger.bad_steps
+        what = f"the loss or gradients were not finite for {len(bad)} steps in a row ({bad[0]}..{bad[-1]})"
+        self.ckpt.wait()
+        good = [s for s in self.ckpt.all_steps() if s < bad[0]]
+        if t.nonfinite_action == "stop" or not good or self.restores >= MAX_NONFINITE_RESTORES:
+            why = ("train.nonfinite_action=stop" if t.nonfinite_action == "stop" else
+                   f"no checkpoint from before step {bad[0]}" if not good else f"{self.restores} restores did not help")
+            raise NonFiniteError(f"{what}; stopping ({why}); newest checkpoint: {self.ckpt.latest_step()}")
+        newer = [s for s in self.ckpt.all_steps() if s > good[-1]]
+        if newer:
+            self.ckpt.set_aside(newer, "nonfinite")  # the replay saves these steps again
+        found = self.ckpt.restore_newest(abstract_state(self.trainer), max_step=good[-1])
+        assert found is not None  # good[-1] exists
+        scale = lr_scale(state) * t.nonfinite_lr_factor
+        self.restores += 1
+        restored = with_lr_scale(found[1], scale, self.trainer)
+        step = int(restored.step)
+        self.writer.write({"step": step, "event": "nonfinite_restore", "bad_steps": [bad[0], bad[-1]], "lr_scale": scale})
+        self.log(f"warning: {what}; restored checkpoint {step} with the learning rate x{scale:g}")
+        self.logger.reset(step)
+        return restored
+
+    def finish(self, state: TrainState, start: int) -> dict[str, float]:
+        self.logger.flush()
+        step = int(state.step)
+        final = self.evaluate(state.params, step, write=step > start)  # a finished run started again adds no row
+        if step not in (self.saved_step, self.ckpt.latest_step()):
+            self.save(step, state)
+        if not self.ckpt.wait():
+            raise checkpoint.CheckpointSaveError(f"the final checkpoint {step} could not be written to {self.ckpt.directory}")
+        return final
+
+
+def train(cfg: Config, log: Callable[[str], None] = print,
+          on_step: Callable[[int, TrainState], TrainState | None] | None = None) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the final summary.
+
+    Raises Preempted after SIGTERM/SIGINT. `on_step(step, state)`, called after every step, may return a
+    replacement state (tests use it to report progress or to poison parameters).
+    """
+    cfg, log = start_up(cfg, log)
     data_dir = data_dir_for(cfg, log)
     train_ds, val_ds = open_datasets(cfg, data_dir)
-    run_dir = prepare_run_dir(cfg, data_dir, train_ds)
     trainer, t = build_trainer(cfg), cfg.train
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints")
-    state = start_state(trainer, ckpt, log)
+    ckpt = open_checkpointer(cfg, log)
+    state, resumed = start_state(trainer, ckpt, log)  # resume=never refuses before run_dir changes
+    if resumed is not None:
+        check_same_data(resumed, data_dir, train_ds, log)
+    run_dir = prepare_run_dir(cfg, data_dir, train_ds)
+    truncate_metrics(run_dir, resumed, log)
     start, chip = int(state.step), hardware.detect()
-    byte_lengths = token_byte_lengths(load_tokenizer(train_ds.tokenizer_path))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | {jax.device_count()} x {chip.name} | "
         f"mesh {dict(trainer.mesh.shape)} | {t.batch_size}x{t.seq_len} tokens per step | run dir {run_dir}")
-    writer = MetricsWriter(run_dir, tensorboard=t.tensorboard)
-
-    def next_batch(step: int) -> jax.Array:
-        rows = train_ds.batch(step, t.batch_size, t.seq_len, t.seed, jax.process_index(), jax.process_count())
-        return sharding.global_batch(rows, trainer.mesh, t.batch_size)
-
-    def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(trainer, state.params, val_ds, t.eval_batches, byte_lengths)
-        writer.write({"step": step, **result})
-        log(f"step {step}: held-out loss {result['eval_loss']:.4f} ({result['bits_per_byte']:.3f} bits/byte)")
-        return result
-
-    initial = run_eval(start) if start == 0 else None
-    if start < t.steps:
-        t0 = time.perf_counter()
-        step_fn = trainer.step.lower(state, next_batch(start)).compile()
-        log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
-    logger = StepLogger(cfg, writer, start, chip)
-    for step in range(start, t.steps):
-        state, metrics = step_fn(state, next_batch(step))
-        logger.push(step + 1, metrics)
-        if (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-            run_eval(step + 1)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-            ckpt.save(step + 1, state, checkpoint_meta(cfg, train_ds))
-    logger.flush()
-    final = run_eval(int(state.step))
-    if ckpt.latest_step() != int(state.step):
-        ckpt.save(int(state.step), state, checkpoint_meta(cfg, train_ds))
-    ckpt.close()
-    writer.close()
+    writer = MetricsWriter(run_dir, tensorboard=t.tensorboard) if sharding.is_main_process() else _Discard()
+    logger = StepLogger(cfg, writer, start, chip, log)
+    loop = Loop(trainer, ckpt, writer, logger, (train_ds, val_ds), checkpoint_meta(cfg, data_dir, train_ds), log)
+    try:
+        with StopSignals(cfg.checkpoint.grace_s) as stop:
+            initial = loop.evaluate(state.params, start) if start == 0 else None
+            state = loop.run(state, start, stop, on_step)
+            final = loop.finish(state, start)
+    finally:
+        writer.close()
+        ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
     return {"run_dir": str(run_dir), "steps": int(state.step), "n_params": n_params, "params": state.params,
             "initial_eval_loss": initial["eval_loss"] if initial else None, "first_loss": logger.first_loss,
             "final_loss": logger.last_loss, **final}

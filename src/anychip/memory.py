@@ -1,0 +1,144 @@
+"""Per-device memory of this run's train step: the planner's estimate before compiling, XLA's own
+analysis after it, the device's capacity, and `train.auto_fit`, which picks the microbatch
+(train.grad_accum) and the remat policy so the step fits.
+
+The estimate is `planner.memory_per_chip` for this run's mesh (one model of memory in the code
+base, not two); its fp32 "states" (16 B per local parameter, +4 B for the gradient accumulator) are
+shown split as params 4 B, grads 4 (+4) B and AdamW moments 8 B. XLA's analysis after compiling
+is the truth on the backend at hand; the two are printed side by side so a bad estimate shows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import jax
+
+from anychip import hardware, planner
+from anychip.config import Config
+from anychip.config import replace as replace_config
+from anychip.errors import UserError
+from anychip.kernels.attention import resolve as resolve_attention
+from anychip.sharding import mesh_shape
+
+GiB = 2**30
+
+
+def device_memory() -> tuple[float | None, str]:
+    """(bytes one device may use, where that number came from), or (None, why it is unknown)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}  # GPU and TPU report the allocator's limit; CPU reports nothing
+    if stats.get("bytes_limit"):
+        return float(stats["bytes_limit"]), "the device's memory_stats()"
+    chip = hardware.detect()
+    if chip.hbm_bytes:
+        return chip.hbm_bytes / chip.devices_per_chip, f"the catalog ({chip.name})"
+    return None, f"{device.device_kind} reports no memory limit and has no memory size in the catalog"
+
+
+def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[planner.Job, planner.Layout, bool]:
+    t = cfg.train
+    job = planner.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if t.compute_dtype == "float32" else 2)
+    remat = "dots" if t.remat == "dots_no_batch" else t.remat  # the planner models none / dots / full
+    layout = planner.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
+    flash = resolve_attention(t.attention) == "cudnn" and t.compute_dtype != "float32"
+    return job, layout, flash
+
+
+def estimate(cfg: Config, mesh: dict[str, int]) -> dict[str, float]:
+    """Predicted peak bytes per device by part: params, grads, optimizer, activations (and transients)."""
+    job, layout, flash = _job_layout(cfg, mesh)
+    parts = planner.memory_per_chip(job, layout, flash)
+    p = planner.local_params(cfg.model, layout.fsdp, layout.tensor)
+    return {
+        "params": 4 * p, "grads": (8 if layout.grad_accum > 1 else 4) * p, "optimizer": 8 * p,
+        "activations": parts["activations"] + parts["weight_casts"] + parts["gathered"],
+        "total": parts["total"],
+    }
+
+
+def human(n: float) -> str:
+    """Bytes in binary units: '1.50 GiB', '12.0 MiB', '512 B'."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_estimate(parts: dict[str, float]) -> str:
+    named = ", ".join(f"{k} {human(parts[k])}" for k in ("params", "grads", "optimizer", "activations"))
+    return f"estimated memory per device (planner): {named}; total {human(parts['total'])}"
+
+
+def xla_peak_bytes(compiled: Any) -> tuple[float | None, str]:
+    """(peak bytes per device, a one-line summary) from XLA's memory analysis of a compiled step."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):  # backends may not implement it
+        m = None
+    if m is None:
+        return None, "XLA memory analysis: not available on this backend"
+    # Donated state buffers are both an argument and an output (alias): count them once.
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return peak, (f"XLA memory analysis per device: arguments {human(m.argument_size_in_bytes)}, outputs "
+                  f"{human(m.output_size_in_bytes)} ({human(m.alias_size_in_bytes)} of them donated), "
+                  f"temporaries {human(m.temp_size_in_bytes)}; peak {human(peak)}")
+
+
+def check_fits(peak: float | None, log: Callable[[str], None]) -> None:
+    capacity, _ = device_memory()
+    if peak is not None and capacity is not None and peak > capacity:
+        log(f"warning: XLA needs {human(peak)} per device but it has {human(capacity)}; set "
+            "train.auto_fit=true, more train.grad_accum, train.remat=full, or more fsdp devices")
+
+
+def _candidates(cfg: Config, mesh: dict[str, int], budget: float) -> list[planner.Layout]:
+    """For each remat policy, the fewest microbatches (largest microbatch) that fits `budget`."""
+    job, base, flash = _job_layout(cfg, mesh)
+    rows = cfg.train.batch_size // (mesh["data"] * mesh["fsdp"])  # sequences per batch shard
+    fits = []
+    for remat in planner.REMATS:
+        for accum in (d for d in range(1, rows + 1) if rows % d == 0):
+            layout = replace(base, remat=remat, grad_accum=accum)
+            if planner.memory_per_chip(job, layout, flash)["total"] <= budget:
+                fits.append(layout)
+                break  # more microbatches than needed only add passes over the weights
+    return fits
+
+
+def auto_fit(cfg: Config, n_devices: int, log: Callable[[str], None]) -> Config:
+    """`train.auto_fit`: the config with the grad_accum and remat the planner expects to run fastest
+    within device memory; unchanged (with a message) where the device's memory is unknown."""
+    capacity, source = device_memory()
+    if capacity is None:
+        log(f"train.auto_fit: skipped, {source}; keeping grad_accum={cfg.train.grad_accum}, "
+            f"remat={cfg.train.remat}")
+        return cfg
+    mesh = dict(zip(("data", "fsdp", "tensor"), mesh_shape(cfg.mesh, n_devices)))
+    fits = _candidates(cfg, mesh, planner.HBM_USABLE * capacity)
+    if not fits:
+        rows = cfg.train.batch_size // (mesh["data"] * mesh["fsdp"])
+        need = estimate(replace_config(cfg, train={"remat": "full", "grad_accum": rows}), mesh)["total"]
+        raise UserError(f"train.auto_fit: nothing fits in {capacity / GiB:.1f} GiB per device ({source}): "
+                        f"even remat=full with one sequence per microbatch needs {need / GiB:.1f} GiB; use "
+                        "more devices (mesh.fsdp), a shorter train.seq_len or a smaller model")
+    best = _fastest(cfg, fits, n_devices)
+    log(f"train.auto_fit: grad_accum={best.grad_accum}, remat={best.remat} (fits {capacity / GiB:.1f} GiB "
+        f"per device, from {source})")
+    return replace_config(cfg, train={"grad_accum": best.grad_accum, "remat": best.remat})
+
+
+def _fastest(cfg: Config, fits: list[planner.Layout], n_devices: int) -> planner.Layout:
+    """The candidate the planner's step-time model ranks fastest; the least remat where it cannot rank."""
+    chip = hardware.detect()
+    if not chip.peak_bf16_flops:
+        return fits[0]
+    job, _, _ = _job_layout(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
+    sustained = chip.peak_bf16_flops * (chip.efficiency or planner.DEFAULT_EFFICIENCY)
+    times = [planner.step_time(job, chip, n_devices, layout, sustained)["step"] for layout in fits]
+    if not all(map(math.isfinite, times)):  # e.g. no bandwidth figures for this chip
+        return fits[0]
+    return fits[min(range(len(fits)), key=lambda i: (times[i], i))]
