@@ -1,11 +1,13 @@
 """A training process for the fault-tolerance tests (a helper, not a test module).
 
-    python tests/fault_helper.py [--dump-restored STEP PATH] key=value ...
+    python tests/fault_helper.py [--dump-restored STEP PATH [--no-train]] [--dump-at STEP PATH] key=value ...
 
 Trains like `anychip train` (exit code 75 or 128+signal after SIGTERM/SIGINT, 2 on a UserError), and
 also: prints "STEP n" after every step, so that tests can time their signals; writes
-RUN_DIR/final_params.npz when training completes; with --dump-restored, first restores checkpoint STEP
-of the run onto this process's devices and writes its params to PATH.
+RUN_DIR/final_params.npz when training completes. --dump-restored first restores checkpoint STEP of
+the run onto this process's devices and writes its params to PATH (and with --no-train, stops
+there); --dump-at writes the params after
+step STEP of training to PATH.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ def dump_restored(cfg: Any, step: int, out: str) -> None:
     ckpt.close()
 
 
-def report(step: int, state: Any) -> None:
-    print(f"STEP {step}", flush=True)
+def reporter(dump_at: tuple[int, str] | None) -> Any:
+    def report(step: int, state: Any) -> None:
+        if dump_at is not None and step == dump_at[0]:
+            np.savez(dump_at[1], **flat_params(state.params))
+        print(f"STEP {step}", flush=True)
+
+    return report
 
 
 def main(argv: list[str]) -> int:
@@ -45,16 +52,20 @@ def main(argv: list[str]) -> int:
     from anychip.errors import UserError
     from anychip.train import Preempted, train
 
-    dump = None
-    if argv[:1] == ["--dump-restored"]:
-        dump, argv = (int(argv[1]), argv[2]), argv[3:]
+    options: dict[str, tuple[int, str]] = {}
+    while argv[:1] in (["--dump-restored"], ["--dump-at"]):
+        options[argv[0]], argv = (int(argv[1]), argv[2]), argv[3:]
+    no_train = argv[:1] == ["--no-train"]
+    argv = argv[no_train:]
     cfg = load_config(None, argv)
     if cfg.train.compile_cache_dir:  # before the first compile: JAX reads the setting once
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.train.compile_cache_dir).expanduser()))
     try:
-        if dump is not None:
-            dump_restored(cfg, *dump)
-        summary = train(cfg, log=lambda m: print(m, flush=True), on_step=report)
+        if "--dump-restored" in options:
+            dump_restored(cfg, *options["--dump-restored"])
+            if no_train:
+                return 0
+        summary = train(cfg, log=lambda m: print(m, flush=True), on_step=reporter(options.get("--dump-at")))
     except Preempted as e:
         print(f"anychip: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -34,8 +34,11 @@ TIMING_FIELDS = {"tokens_per_s", "mfu"}
 @pytest.fixture(scope="module")
 def run_args(small_corpus, tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache")
-    return ["model=tiny", "train.batch_size=4", "train.seq_len=32", "train.log_every=1", "train.eval_every=20",
-            "train.eval_batches=1", "train.sample_tokens=0", "train.compute_dtype=float32", "optim.warmup_steps=4",
+    # A one-layer model: compiles dominate these tests, and the model's size does not matter to them.
+    return ["model=tiny", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+            "model.d_ff=64", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
+            "train.eval_every=20", "train.eval_batches=1", "train.sample_tokens=0",
+            "train.compute_dtype=float32", "optim.warmup_steps=4",
             f"train.steps={STEPS}", f"data.path={small_corpus}", f"train.compile_cache_dir={cache}",
             "checkpoint.every_steps=1", "checkpoint.keep=2"]
 
@@ -168,3 +171,85 @@ def test_random_sigkills_during_training_and_saves(run_args, reference, tmp_path
     mid_save = kill_repeatedly([*run_args, f"run_dir={run_dir}"], run_dir, 20, random.Random(0))
     assert mid_save >= 1  # some kills really landed inside a save
     assert_same_run(run_dir, reference)
+
+
+def test_sigterm_and_sigint_stop_with_a_checkpoint(run_args, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*run_args, f"run_dir={run_dir}", "checkpoint.every_steps=0"]  # only stop and final checkpoints
+    # A checkpoint that cannot be written within the grace period: exit 128 + SIGTERM, nothing visible.
+    proc = Proc([*args, "checkpoint.grace_s=0.2"], env={COMMIT_DELAY_ENV: "30"})
+    assert proc.wait_for(r"^STEP 5\b")
+    proc.p.send_signal(signal.SIGTERM)
+    assert proc.finish() == 128 + signal.SIGTERM, proc.output()
+    assert "no checkpoint within checkpoint.grace_s=0.2s of SIGTERM" in proc.output()
+    assert complete_steps(run_dir / "checkpoints") == []
+    # SIGTERM: the step finishes, its checkpoint is written, exit code 75.
+    proc = Proc(args)
+    assert proc.wait_for(r"^STEP 8\b")
+    proc.p.send_signal(signal.SIGTERM)
+    assert proc.finish() == 75, proc.output()
+    step = int(re.search(r"checkpoint (\d+) written", proc.output()).group(1))
+    assert step >= 8 and complete_steps(run_dir / "checkpoints") == [step]
+    # A second SIGINT aborts at once, here in the middle of the (slowed-down) stop checkpoint.
+    proc = Proc(args, env={COMMIT_DELAY_ENV: "30"})
+    assert proc.wait_for(rf"^STEP {step + 3}\b")
+    proc.p.send_signal(signal.SIGINT)
+    assert proc.wait_for(r"SIGINT: writing checkpoint")
+    t0 = time.monotonic()
+    proc.p.send_signal(signal.SIGINT)
+    assert proc.finish() == -signal.SIGINT and time.monotonic() - t0 < 5
+    assert complete_steps(run_dir / "checkpoints") == [step]  # the interrupted checkpoint is invisible
+    last = train_to_end(args)
+    assert resumed_step(last) == step
+    assert_same_run(run_dir, reference)
+
+
+def check_topology_change(run_args: list[str], tmp_path: Path, train_on: tuple[int, ...]) -> None:
+    """Save sharded 8 ways (fsdp=8); restore checkpoint 2 of 6 on 1, 2 and 4 devices: the params are
+    bitwise those saved, and on `train_on` device counts training goes on with the same batches."""
+    args = [*run_args, "train.steps=6", "train.eval_every=1000", "checkpoint.every_steps=2",
+            "checkpoint.keep=10"]
+    source = tmp_path / "fsdp8"
+    train_to_end(["--dump-at", "2", str(tmp_path / "saved.npz"), *args, f"run_dir={source}", "mesh.fsdp=8"],
+                 devices=8)
+    saved = np.load(tmp_path / "saved.npz")
+    want = {r["step"]: r for r in deterministic_rows(source) if "loss" in r}
+    for devices in (1, 2, 4):
+        run_dir, restored = tmp_path / f"on{devices}", tmp_path / f"restored{devices}.npz"
+        shutil.copytree(source, run_dir)
+        train = devices in train_on
+        train_to_end(["--dump-restored", "2", str(restored), *([] if train else ["--no-train"]), *args,
+                      f"run_dir={run_dir}", "checkpoint.resume=2"], devices=devices)
+        got = np.load(restored)
+        for name in saved.files:
+            assert got[name].tobytes() == saved[name].tobytes(), f"{name} on {devices} devices"
+        if not train:
+            continue
+        rewound = run_dir / "checkpoints.rewound"  # the rewind moved, did not delete
+        assert sorted(p.name for p in rewound.iterdir() if p.is_dir()) == ["4", "6"]
+        assert [p.name.startswith("metrics-") for p in rewound.iterdir() if p.is_file()] == [True]
+        rows = {r["step"]: r for r in deterministic_rows(run_dir) if "loss" in r}
+        assert sorted(rows) == sorted(want)
+        for step in (3, 4, 5, 6):  # same batches; only the summation order differs across device counts
+            assert rows[step]["tokens"] == want[step]["tokens"]
+            assert rows[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), (devices, step)
+
+
+def test_topology_change_8_devices_to_1_2_4(run_args, tmp_path):
+    check_topology_change(run_args, tmp_path, train_on=(1,))  # 1 device reuses the cached compile
+
+
+@pytest.mark.slow
+def test_topology_change_8_devices_to_1_2_4_training_on_each(run_args, tmp_path):
+    check_topology_change(run_args, tmp_path, train_on=(1, 2, 4))
+
+
+@pytest.mark.slow
+def test_hundred_random_sigkills(run_args, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*run_args, f"run_dir={run_dir}", "train.steps=400"]  # 100 lives of 1-3 steps
+    reference_run = tmp_path / "reference"
+    train_to_end([*run_args, f"run_dir={reference_run}", "train.steps=400"])
+    mid_save = kill_repeatedly(args, run_dir, 100, random.Random(1))
+    assert mid_save >= 5
+    assert_same_run(run_dir, reference_run)

@@ -112,9 +112,13 @@ def test_generate_text_starts_from_the_prompt(params):
     assert isinstance(generate_text(params, CFG, tok, "", max_new_tokens=4, seed=3), str)
 
 
+def test_stops_at_the_context_length(params):
+    assert [len(o) for o in generate(params, CFG, [[1] * 250, [2]], max_new_tokens=9, temperature=0)] == [6, 6]
+
+
 def test_rejects_requests_it_cannot_serve(params):
     with pytest.raises(UserError, match="max_seq_len"):
-        generate(params, CFG, [[1] * 200], max_new_tokens=100)
+        generate(params, CFG, [[1] * CFG.max_seq_len], max_new_tokens=1)
     with pytest.raises(UserError, match="token ids"):
         generate(params, CFG, [[CFG.vocab_size]], max_new_tokens=1)
     with pytest.raises(UserError, match="prompt"):

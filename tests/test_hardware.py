@@ -127,7 +127,8 @@ def test_cost_summary(catalog):
     assert s["chip_hours"] == 8 and s["cost_usd"] == pytest.approx(8 * 6.88)
     assert s["usd_per_mtok"] == pytest.approx(8 * 6.88 / 2000)
     doubled = hardware.cost_summary(h100, 8, 3600, 2e9, price_override=2 * 6.88)
-    assert doubled["cost_usd"] == pytest.approx(2 * s["cost_usd"]) and doubled["chip_hours"] == s["chip_hours"]
+    assert doubled["cost_usd"] == pytest.approx(2 * s["cost_usd"])
+    assert doubled["chip_hours"] == s["chip_hours"]
     unknown = hardware.cost_summary(catalog["gb200"], 72, 3600, 1e9)
     assert unknown["chip_hours"] == 72 and unknown["cost_usd"] is None and unknown["usd_per_mtok"] is None
     assert hardware.cost_summary(h100, 8, 10, tokens=0)["usd_per_mtok"] is None

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,14 @@ from anychip.metrics import read_metrics
 HERE = Path(__file__).parent
 RUN = ["model=tiny", "train.steps=3", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
        "train.eval_batches=2", "train.eval_every=100", "train.sample_tokens=0", "train.compute_dtype=float32",
-       "checkpoint.every_steps=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.compile_cache_dir=none"]
+       "checkpoint.every_steps=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+       "train.compile_cache_dir=none"]
 
 
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:
     flags = f"--xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-            **extra}
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest", **extra}
 
 
 def free_port() -> int:
@@ -35,20 +37,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait for every process; when one fails, stop the others at once (they would wait minutes for it)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
 def launch_two_processes(data: Path, run_dir: Path) -> list[tuple[str, str]]:
-    """The coordinator and process ids come from ANYCHIP_* variables, as a launcher script would set them."""
+    """The coordinator and process ids come from ANYCHIP_* variables, as a launcher script would set them.
+    Output goes to files: a full pipe would block a process while we wait on the other."""
     port = free_port()
     cmd = [sys.executable, "-m", "anychip.cli", "train", *RUN, f"data.path={data}", f"run_dir={run_dir}"]
-    procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(
-            4, ANYCHIP_COORDINATOR=f"127.0.0.1:{port}", ANYCHIP_NUM_PROCESSES="2", ANYCHIP_PROCESS_ID=str(i)))
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=400) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    logs = [(run_dir.parent / f"p{i}.out", run_dir.parent / f"p{i}.err") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        env = cpu_env(4, ANYCHIP_COORDINATOR=f"127.0.0.1:{port}", ANYCHIP_NUM_PROCESSES="2",
+                      ANYCHIP_PROCESS_ID=str(i))
+        with open(out, "w") as fo, open(err, "w") as fe:
+            procs.append(subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env))
+    wait_all(procs, timeout=400)
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{err[-4000:]}"
     return outputs

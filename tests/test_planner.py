@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -19,7 +23,7 @@ from anychip.metrics import flops_per_token
 TINY = MODEL_PRESETS["tiny"]
 # Small shapes that compile in a few seconds on 2 cores but are not dominated by the norms' vectors.
 SMALL = dataclasses.replace(TINY, d_model=128, d_ff=352)
-SMALL_QK = dataclasses.replace(SMALL, n_layers=3, qk_norm=True, tie_embeddings=False)
+SMALL_QK = dataclasses.replace(SMALL, qk_norm=True, tie_embeddings=False)
 SMALL_WIDE = dataclasses.replace(TINY, d_model=192, n_heads=6, n_kv_heads=2, d_ff=512, vocab_size=1024)
 
 
@@ -68,18 +72,19 @@ def test_more_fsdp_shards_never_increase_param_memory(name):
     fsdp_sizes = [f for f in (2**k for k in range(14)) if cfg.d_model % f == 0]  # the sizes the planner tries
     for tensor in (1, 2, 4, 8):
         per_chip = [planner.local_params(cfg, f, tensor) for f in fsdp_sizes]
-        assert all(b <= a for a, b in zip(per_chip, per_chip[1:])), (name, tensor, per_chip)
+        assert all(b <= a for a, b in itertools.pairwise(per_chip)), (name, tensor, per_chip)
         assert per_chip[-1] < per_chip[0] or len(per_chip) == 1
         layouts = [planner.Layout(1, f, tensor, 1, "full") for f in fsdp_sizes]
         job = planner.Job(cfg, 1, 256, 4096)
         states = [planner.memory_per_chip(job, lay)["states"] for lay in layouts]
-        assert all(b <= a for a, b in zip(states, states[1:]))
+        assert all(b <= a for a, b in itertools.pairwise(states))
     assert planner.local_params(cfg, 1, 1) == model.count_params(cfg)
 
 
 def test_remat_and_flash_reduce_activation_memory():
     job = planner.Job(MODEL_PRESETS["afm-3b"], 1, 4096, 16)
-    mem = {r: planner.memory_per_chip(job, planner.Layout(1, 16, 1, 1, r))["activations"] for r in planner.REMATS}
+    mem = {r: planner.memory_per_chip(job, planner.Layout(1, 16, 1, 1, r))["activations"]
+           for r in planner.REMATS}
     assert mem["full"] < mem["dots"] < mem["none"]
     flash = planner.memory_per_chip(job, planner.Layout(1, 16, 1, 1, "none"), flash=True)["activations"]
     assert flash < mem["none"] / 3  # the T×T scores dominate at T=4096 with the portable attention
@@ -97,11 +102,12 @@ def _train_step(cfg: ModelConfig, remat: str, unrolled: bool = False):
         x = params["embed"][tokens]
         cos, sin = model.rope_tables(jnp.arange(tokens.shape[1])[None], cfg.head_dim, cfg.rope_base)
         for i in range(cfg.n_layers):
-            x = model.decoder_layer(x, jax.tree.map(lambda a: a[i], params["layers"]), cfg, cos, sin, "xla")
+            layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+            x = model.decoder_layer(x, layer, cfg, cos, sin, "xla")
         return model.unembed(params, model.rms_norm(x, params["final_norm"], cfg.norm_eps), cfg)
 
     def step(params, opt_state, tokens):
-        loss_fn = lambda p: model.cross_entropy(logits_fn(p, tokens[:, :-1]), tokens[:, 1:])[0]  # noqa: E731
+        loss_fn = lambda p: model.cross_entropy(logits_fn(p, tokens[:, :-1]), tokens[:, 1:])[0]
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -109,15 +115,18 @@ def _train_step(cfg: ModelConfig, remat: str, unrolled: bool = False):
     return step, opt
 
 
+@functools.cache  # the calibration test runs the step the memory test compiled
 def _compile(cfg: ModelConfig, batch: int, seq: int, remat: str, unrolled: bool = False):
     step, opt = _train_step(cfg, remat, unrolled)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, jax.eval_shape(opt.init, params), tokens).compile()
+    opt_state = jax.eval_shape(opt.init, params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
 
 
 @pytest.mark.parametrize("cfg, batch, seq, remat", [
-    (SMALL, 4, 128, "none"), (SMALL_QK, 4, 64, "dots"), (SMALL_WIDE, 2, 128, "full"),
+    (SMALL, 4, 128, "none"), (dataclasses.replace(SMALL_QK, n_layers=3), 4, 64, "dots"),
+    (SMALL_WIDE, 2, 128, "full"),
 ])
 def test_memory_estimate_matches_xla(cfg, batch, seq, remat):
     stats = _compile(cfg, batch, seq, remat).memory_analysis()
@@ -196,24 +205,25 @@ def test_budget_flags_expensive_rows():
 def test_unpriced_and_unfit_chips_are_reported_not_invented():
     rows = planner.plan("1b", "20B", 2048, ["gb200", "tpu-v5e", "h100"], num_chips=1, batch_size=64)
     by_chip = {r.chip: r for r in rows}
-    assert by_chip["gb200"].layout and by_chip["gb200"].cost_usd is None and by_chip["gb200"].usd_per_mtok is None
+    gb200 = by_chip["gb200"]
+    assert gb200.layout and gb200.cost_usd is None and gb200.usd_per_mtok is None
     assert by_chip["tpu-v5e"].layout is None and "fits" in by_chip["tpu-v5e"].note  # 1.3B × 16 B > 16 GB
     assert [r.chip for r in rows] == ["h100", "gb200", "tpu-v5e"]  # priced, unpriced, infeasible
     assert "no layout" in planner.format_plan_table(rows)
 
 
 @pytest.mark.parametrize("kwargs, expected", [
-    (dict(chips=["h1000"], num_chips=8), "did you mean 'h100'"),
-    (dict(tokens="0", num_chips=8), "tokens must be a positive count"),
-    (dict(deadline="1h"), "no chip can train"),
-    (dict(num_chips=8, deadline="30d"), "exactly one of"),
-    (dict(), "exactly one of"),
-    (dict(chips=["inf2"], num_chips=8), "inference-only"),
-    (dict(seq_len=100_000, num_chips=8), "seq_len must be in"),
-    (dict(model="afm3b", num_chips=8), "did you mean 'afm-3b'"),
+    ({"chips": ["h1000"], "num_chips": 8}, "did you mean 'h100'"),
+    ({"tokens": "0", "num_chips": 8}, "tokens must be a positive count"),
+    ({"deadline": "1h"}, "no chip can train"),
+    ({"num_chips": 8, "deadline": "30d"}, "exactly one of"),
+    ({}, "exactly one of"),
+    ({"chips": ["inf2"], "num_chips": 8}, "inference-only"),
+    ({"seq_len": 100_000, "num_chips": 8}, "seq_len must be in"),
+    ({"model": "afm3b", "num_chips": 8}, "did you mean 'afm-3b'"),
 ])
 def test_user_errors_are_one_line(kwargs, expected):
-    args = dict(model="afm-3b", tokens="6.3T", seq_len=4096, chips=["h100", "tpu-v5p"]) | kwargs
+    args = {"model": "afm-3b", "tokens": "6.3T", "seq_len": 4096, "chips": ["h100", "tpu-v5p"]} | kwargs
     with pytest.raises(UserError) as excinfo:
         planner.plan(args.pop("model"), args.pop("tokens"), args.pop("seq_len"), args.pop("chips"), **args)
     assert expected in one_line_error(excinfo)
@@ -230,10 +240,39 @@ def test_sweep_and_pareto_plot(tmp_path):
 # Calibration
 
 
+def measure_records(cases: list[tuple[ModelConfig, int, int, str]], rounds: int = 6) -> list[dict]:
+    """Time real train steps of (model, seq_len, batch, remat) cases on this CPU: bench-style records.
+
+    `step_time_s` is the process CPU time of the fastest step, not wall time: on the shared 2-core
+    CI host, wall time moved by ±40% with other jobs while CPU time stayed within 5% (XLA:CPU runs
+    these small steps on one thread, so on an idle host the two agree).
+    """
+    runs = []
+    for cfg, seq, batch, remat in cases:
+        step = _compile(cfg, batch, seq, remat)
+        # Constant-filled host arrays of the step's input shapes: the values do not change its speed,
+        # and building them needs no compile (eager init would compile dozens of small programs).
+        params, opt_state, tokens = jax.tree.map(lambda a: np.full(a.shape, 0.01 * (a.dtype != np.int32),
+                                                                   a.dtype), step.args_info[0])
+        runs.append((step, [params, opt_state], tokens))
+    best = [math.inf] * len(cases)
+    for r in range(rounds + 1):  # round 0 compiles and warms up
+        for i, (step, state, tokens) in enumerate(runs):
+            t0 = time.process_time()
+            state[0], state[1], loss = step(state[0], state[1], tokens)
+            jax.block_until_ready(loss)
+            best[i] = min(best[i], time.process_time() - t0) if r else math.inf
+    return [{"chip": hardware.detect().key, "device_kind": jax.devices()[0].device_kind,
+             "model": dataclasses.asdict(cfg), "seq_len": seq, "batch_size": batch, "grad_accum": 1,
+             "n_devices": 1, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "remat": remat,
+             "compute_dtype": "float32", "step_time_s": t, "tokens_per_s": batch * seq / t, "mfu": None,
+             "peak_memory_bytes": None} for (cfg, seq, batch, remat), t in zip(cases, best)]
+
+
 @pytest.fixture(scope="module")
 def cpu_records() -> list[dict]:
-    """Real CPU measurements of two shapes; the planner must predict one from the other."""
-    return [planner.measure_record(SMALL, 128, 8, steps=3), planner.measure_record(SMALL_QK, 128, 8, steps=3)]
+    """Real CPU measurements at two batch sizes; the planner must predict each from the other."""
+    return measure_records([(SMALL, 128, 4, "none"), (SMALL, 128, 2, "none")])
 
 
 def test_calibration_predicts_cpu_step_time(cpu_records, tmp_path):
@@ -241,15 +280,17 @@ def test_calibration_predicts_cpu_step_time(cpu_records, tmp_path):
     assert [r["fit"] for r in report] == ["leave-one-out", "leave-one-out"]
     for r in report:
         assert r["chip"] == "cpu" and r["predicted_default_s"] is None  # no CPU peak: no default guess
-        # Fitted on the other shape only. The tolerance allows for other processes on a shared CI host.
-        assert abs(r["error_fit"]) < 0.35, r
+        # Fitted on the other record only: measured |error| ≤ 8% here. A planner that ignored the
+        # batch would be off by -50% / +100%. (From batch 4 to 8 this CPU slows down super-linearly,
+        # out of cache, and the error grows to ~35%: a limit of the one-scalar fit.)
+        assert abs(r["error_fit"]) < 0.25, r
     table = planner.format_calibration_table(report).splitlines()
     assert len(table) == 3 and table[1].startswith("cpu")
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(cpu_records))
-    rows = planner.plan(SMALL, "1e6", 128, ["cpu"], num_chips=1, batch_size=8, calibration=[path])
+    rows = planner.plan(SMALL, "1e6", 128, ["cpu"], num_chips=1, batch_size=4, calibration=[path])
     assert rows[0].calibrated and rows[0].mfu is None and rows[0].cost_usd is None
-    assert rows[0].step_s == pytest.approx(cpu_records[0]["step_time_s"], rel=0.35)
+    assert rows[0].step_s == pytest.approx(cpu_records[0]["step_time_s"], rel=0.25)
 
 
 def test_calibration_fit_inverts_the_model():

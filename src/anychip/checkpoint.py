@@ -97,7 +97,8 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], tokenizer: dict[str, Any] | None = None) -> bool:
+    def save(self, step: int, state: Any, meta: dict[str, Any],
+             tokenizer: dict[str, Any] | None = None) -> bool:
         """Start writing checkpoint `step`; in async mode the files are written in the background.
 
         Returns False if it could not be started (or the previous save failed) under "continue".
@@ -144,7 +145,8 @@ class Checkpointer:
     def read_tokenizer(self, step: int) -> dict[str, Any] | None:
         if not (self.directory / str(step) / "tokenizer").is_dir():
             return None
-        return self._manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))["tokenizer"]
+        args = ocp.args.Composite(tokenizer=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args)["tokenizer"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """abstract_state: a tree of jax.ShapeDtypeStruct with shardings (see `abstract_like`); None
@@ -161,7 +163,7 @@ class Checkpointer:
 
     def restore_newest(self, abstract_state: Any, max_step: int | None = None
                        ) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the newest checkpoint (<= max_step) that restores intact; None if none exist.
+        """(step, state, meta) of the newest checkpoint (<= max_step) that restores intact; None if none.
 
         A damaged checkpoint is skipped with a warning and moved to `checkpoints.corrupt/` (a later
         save of the same step would otherwise collide with it), but only once an older one restored:
@@ -188,8 +190,10 @@ class Checkpointer:
 
     def set_aside(self, steps: list[int], reason: str) -> Path:
         """Move checkpoint directories out of the way (never delete) into <directory>.<reason>/."""
-        self.wait()
         target = self.directory.with_name(f"{self.directory.name}.{reason}")
+        if not steps:
+            return target
+        self.wait()  # a save in flight would land next to the moved ones
         if jax.process_index() == 0:
             target.mkdir(exist_ok=True)
             for step in steps:
@@ -278,7 +282,8 @@ def verify(state: Any, saved: dict[str, dict[str, Any]], where: str) -> None:
 
 def abstract_like(shapes_dtypes: Any, shardings: Any) -> Any:
     """Pair a tree of ShapeDtypeStructs (e.g. from jax.eval_shape) with a tree of shardings."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_dtypes, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes_dtypes, shardings)
 
 
 def tokenizer_json(path: str | Path) -> dict[str, Any]:

@@ -103,6 +103,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from anychip.hf import export_hf
+
+    print(f"wrote a Hugging Face checkpoint to {export_hf(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from anychip.hf import import_hf
+
+    run_dir = import_hf(args.hf_dir, args.out, extend_with=args.extend_with, extra_tokens=args.extra_tokens)
+    print(f"imported {args.hf_dir} into {run_dir}; continue pretraining with: anychip train "
+          f"{run_dir}/config.yaml init_from={run_dir} run_dir=NEW_RUN data.path=DATA")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Lower and serialize the train step for each platform; exit 1 if any check fails."""
+    from anychip.portability import check, format_report
+
+    cfg = load_config_args(args)
+    platforms = list(dict.fromkeys([p.strip() for p in args.platforms.split(",") if p.strip()] + args.target))
+    reports = check(cfg, platforms, args.devices, args.strict)
+    for report in reports:
+        print("\n".join(format_report(report, cfg, args.devices)))
+    failed = [r.platform for r in reports if not r.ok]
+    print(f"check: {'FAILED on ' + ', '.join(failed) if failed else 'ok on ' + ', '.join(platforms)}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anychip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("out", help="output directory (must not exist or be empty)")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("import", help="import a model from another format")
+    fmt = p.add_subparsers(dest="import_format", required=True)
+    p = fmt.add_parser("hf", help="a local Hugging Face Llama/Qwen3/Mistral checkpoint (safetensors only)")
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True, help="the run directory to create")
+    p.add_argument("--extend-with", nargs="+", help="corpus files/folders to learn extra tokens from")
+    p.add_argument("--extra-tokens", type=int, default=0, help="how many tokens to add (with --extend-with)")
+    p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("check", help="will the train step compile on other hardware? lowers and serializes "
+                                     "it per platform, flags vendor-specific or unsupported operations")
+    p.add_argument("config", nargs="?", help="a YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=1b mesh.tensor=2")
+    p.add_argument("--platforms", default="cpu,cuda,tpu,neuron", help="of cpu,cuda,rocm,tpu,neuron")
+    p.add_argument("--target", action="append", default=[], help="one more platform, e.g. --target neuron")
+    p.add_argument("--devices", type=int, default=8, help="devices of the (abstract) mesh to lower for")
+    p.add_argument("--strict", action="store_true", help="fail on vendor custom calls even on their platform")
+    p.set_defaults(handler=cmd_check)
     return parser
 
 

@@ -109,9 +109,8 @@ def _check_request(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: i
     if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise UserError("need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"max_seq_len={cfg.max_seq_len}")
+    if longest >= cfg.max_seq_len:
+        raise UserError(f"a prompt of {longest} tokens leaves no room in the model's max_seq_len={cfg.max_seq_len}")
 
 
 def generate(
@@ -127,9 +126,11 @@ def generate(
     stop_tokens: tuple[int, ...] = (),
     compute_dtype: Any = jnp.float32,
 ) -> list[list[int]]:
-    """Continue each prompt (token ids) by up to `max_new_tokens` tokens; returns the new tokens only,
-    cut before the first stop token. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """Continue each prompt (token ids) by up to `max_new_tokens` tokens; returns the new tokens only, cut
+    before the first stop token and so that the longest prompt plus its continuation fits in max_seq_len.
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
     _check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - max(len(p) for p in prompts))
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     P = _bucket(max(len(p) for p in prompts))

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -55,7 +56,8 @@ class Chip:
     scaleout_bw: float | None = None  # between domains, per chip, one direction
     domain: int = 1
     vendor: str = ""
-    device_kinds: Mapping[str, int] = field(default_factory=dict)  # device_kind → JAX devices per chip
+    # Exact jax device_kind strings of this chip → JAX devices per chip.
+    device_kinds: Mapping[str, int] = field(default_factory=dict, compare=False)
     devices_per_chip: int = 1  # of the matched device_kind (Neuron shows NeuronCores, not chips)
     attention: str = "xla"  # "flash": a fused attention kernel keeps T×T scores out of memory
     efficiency: float | None = None  # assumed sustained fraction of peak (uncalibrated default)
@@ -96,7 +98,8 @@ def _value(raw: Any, where: str, default_date: str, origin: str) -> tuple[Any, s
 def _number(value: Any, where: str, scale: float) -> float | int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or value < 0:
         raise UserError(f"{where}: expected a non-negative number or null, got {value!r}")
     return int(value) if scale == 1 and isinstance(value, int) else value * scale
 
@@ -257,18 +260,25 @@ def format_catalog_table(catalog: Catalog | None = None, current: str | None = N
     catalog = catalog if catalog is not None else load_catalog()
     if current is None:
         current = detect(catalog=catalog).key
-    header = ("", "key", "name", "bf16 TFLOP/s", "HBM GB", "HBM TB/s", "link GB/s", "domain", "$/h", "$/PFLOP-h")
+    header = ("", "key", "name", "bf16 TFLOP/s", "HBM GB", "HBM TB/s", "link GB/s", "domain", "$/h",
+              "$/PFLOP-h")
     rows = [header]
     for chip in catalog.values():
         rows.append((
-            "*" if chip.key == current else "", chip.key, chip.name + ("" if chip.training else " [no training]"),
+            "*" if chip.key == current else "", chip.key,
+            chip.name + ("" if chip.training else " [no training]"),
             _fmt(chip.peak_bf16_flops, 1e12, ",.0f"), _fmt(chip.hbm_bytes, 1e9, ".0f"),
             _fmt(chip.hbm_bw, 1e12, ".2f"), _fmt(chip.link_bw, 1e9, ",.0f"), str(chip.domain),
             _fmt(chip.price_per_hour, 1, ".2f"), _fmt(chip.usd_per_pflop_hour, 1, ".1f"),
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    left = {1, 2}
-    lines = ["  ".join(c.ljust(w) if i in left or i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.append("* = this device. Prices: on-demand list, snapshot 2026-11; '-' = unknown (override with --prices).")
+    table = format_columns(rows, left={0, 1, 2})
+    return table + ("\n* = this device. Prices: on-demand list, snapshot 2026-11; '-' = unknown "
+                    "(override with --prices).")
+
+
+def format_columns(rows: list[tuple[str, ...]], left: set[int] = frozenset()) -> str:
+    """Rows of cells as aligned text columns: right-aligned (numbers) except the `left` ones."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows)
     return "\n".join(line.rstrip() for line in lines)

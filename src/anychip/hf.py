@@ -168,7 +168,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} not found")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
@@ -360,7 +363,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str]
     _ensure_empty(run_dir)
     if bool(extend_with) != (extra_tokens > 0):
         raise UserError("extending the vocabulary needs both a corpus (extend_with) and extra_tokens > 0")
-    model = model_config_from_hf(_read_json(hf_dir / "config.json"), name=hf_dir.name)
+    model = model_config_from_hf(_read_json(hf_dir / "config.json"), name=hf_dir.resolve().name)
     files = weight_files(hf_dir)
     tokenizer = _load_hf_tokenizer(hf_dir, model)
     params = params_from_hf(read_safetensors(files), model)

@@ -29,7 +29,7 @@ GiB = 2**30
 
 def device_memory() -> tuple[float | None, str]:
     """(bytes one device may use, where that number came from), or (None, why it is unknown)."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # memory_stats() answers for this process's own devices only
     stats = device.memory_stats() or {}  # GPU and TPU report the allocator's limit; CPU reports nothing
     if stats.get("bytes_limit"):
         return float(stats["bytes_limit"]), "the device's memory_stats()"

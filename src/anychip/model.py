@@ -196,14 +196,17 @@ def hidden_states(
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer; cache slot s holds sequence position s (positions are per row)."""
+    """Keys and values of every layer; cache slot s holds sequence position s (positions are per row).
 
-    k: jax.Array  # (L, B, S, KV, hd)
-    v: jax.Array  # (L, B, S, KV, hd)
+    (B, KV) lead the slots so that attention's batched matmuls read the cache without a transpose.
+    """
+
+    k: jax.Array  # (L, B, KV, S, hd)
+    v: jax.Array  # (L, B, KV, S, hd)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -220,16 +223,19 @@ def cached_hidden_states(
     x = params["embed"][tokens].astype(compute_dtype)  # (B, T, D)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)  # (B, T, hd)
     rows = jnp.arange(tokens.shape[0])[:, None]  # (B, 1), broadcasts against positions (B, T)
-    mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[..., None]  # (B, T, S)
+    mask = jnp.arange(cache.k.shape[3])[None, None, :] <= positions[..., None]  # (B, T, S)
 
     def body(carry, layer_and_index):
         x, cache = carry
         layer, i = layer_and_index
 
         def attend(q, k, v):
-            kc = cache.k.at[i, rows, positions].set(k.astype(cache.k.dtype))
-            vc = cache.v.at[i, rows, positions].set(v.astype(cache.v.dtype))
-            return xla_attention(q, kc[i], vc[i], mask), KVCache(kc, vc)
+            # Indices i, rows, positions broadcast to (B, T) and come first, the sliced KV axis after:
+            # the update is (B, T, KV, hd), exactly k's shape.
+            kc = cache.k.at[i, rows, :, positions].set(k.astype(cache.k.dtype))
+            vc = cache.v.at[i, rows, :, positions].set(v.astype(cache.v.dtype))
+            out = xla_attention(q, kc[i].swapaxes(1, 2), vc[i].swapaxes(1, 2), mask)  # (B, S, KV, hd) views
+            return out, KVCache(kc, vc)
 
         x, cache = decoder_block(x, layer, cfg, cos, sin, attend)
         return (x, cache), None

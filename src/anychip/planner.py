@@ -1,15 +1,12 @@
 """Plan a pretraining job on every catalog chip: memory per chip, step time, wall time and cost.
 
-For each chip the planner searches mesh layouts (data × fsdp × tensor, as `sharding.py` builds
-them), gradient-accumulation microbatches and remat policies (none / dots / full), drops those that
-do not fit in HBM and keeps the cheapest (= fastest, at a fixed chip count) layout.
-
-Assumptions (all stated here and in README "Planning a pretraining job"; none is a measurement):
+For each chip: search mesh layouts (data × fsdp × tensor, as `sharding.py` builds them), grad
+accumulation and remat (none / dots / full), drop what does not fit in HBM, keep the fastest.
+Assumptions (also in README "Planning a pretraining job"; none is a measurement):
 
 Memory per chip
-  * fp32 master params, fp32 grads and AdamW m, v: 16 B per local parameter, +4 B for the fp32
-    grad accumulator when grad_accum > 1 (train.py). Params shard exactly as `sharding.PARAM_RULES`
-    says: an axis the mesh size does not divide stays replicated.
+  * fp32 params, grads and AdamW m, v: 16 B per local parameter, +4 B for the grad accumulator when
+    grad_accum > 1 (train.py); params shard as `sharding.PARAM_RULES` says (non-dividing = replicated).
   * Activations per token and layer are counted from what JAX saves for the backward pass of
     model.py under each policy (listed in `_residuals`), × n_layers, plus one layer's un-rematerialised
     working set (recomputation and cotangents in the backward), plus 12·V bytes for fp32 logits,
@@ -28,8 +25,8 @@ Step time per microbatch = max(compute, HBM traffic, FSDP collectives) + FSDP fi
   * Collectives are bandwidth-bound rings, hierarchical over the scale-up domain: the in-domain part
     at LINK_EFF × the quoted chip-to-chip bandwidth, the cross-domain part at SCALEOUT_EFF × the
     catalog's per-chip scale-out bandwidth (400 Gb/s per GPU on EFA/IB, 50 Gb/s DCN per TPU chip,
-    200 Gb/s per Trn2 chip ...), plus a fixed latency per collective. Mesh axes fill a domain
-    innermost-first: tensor, then fsdp, then data.
+    200 Gb/s per Trn2 chip ...), plus a latency per ring step (LATENCY_IN / LATENCY_OUT), one
+    collective per layer. Mesh axes fill a domain innermost-first: tensor, then fsdp, then data.
 """
 
 from __future__ import annotations
@@ -38,19 +35,19 @@ import json
 import math
 import re
 import statistics
-import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import jax
 
 from anychip.config import ModelConfig, load_config
 from anychip.errors import UserError
-from anychip.hardware import Catalog, Chip, get_chip, load_catalog
+from anychip.hardware import Catalog, Chip, format_columns, get_chip, load_catalog, match_device_kind
 from anychip.metrics import flops_per_token, matmul_params
-from anychip.model import count_params, param_axes, param_shapes
+from anychip.model import param_axes, param_shapes
 from anychip.sharding import PARAM_RULES
 
 REMATS = ("none", "dots", "full")
@@ -61,7 +58,7 @@ XLA_TEMP_FUDGE = 1.10  # XLA temp buffers beyond the counted residuals (copies, 
 HBM_EFF = 0.80  # achieved / peak HBM bandwidth
 LINK_EFF = 0.40  # ring bandwidth per chip / quoted aggregate (both-directions) link bandwidth: ½ × 80%
 SCALEOUT_EFF = 0.80  # achieved / nominal NIC or DCN bandwidth per chip
-LATENCY_IN, LATENCY_OUT = 10e-6, 30e-6  # seconds per collective inside / across domains
+LATENCY_IN, LATENCY_OUT = 2e-6, 8e-6  # seconds per ring step (hop) inside / across domains
 MAX_CHIPS = 2**17
 
 
@@ -109,28 +106,26 @@ class PlanRow:
     note: str = ""
 
 
-# ---------------------------------------------------------------------------------------------
 # Inputs
-
-
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_tokens(s: str | float | int) -> int:
+def parse_tokens(s: str | float) -> int:
     """'6.3T', '300B', '2e9', 1_000_000 → token count (K/M/B/T are powers of 1000; B = billion)."""
     m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*", str(s).lower())
     value = float(m.group(1)) * _SUFFIX[m.group(2)] if m and m.group(1).count(".") <= 1 else math.nan
     if not math.isfinite(value) or value < 1:
         raise UserError(f"tokens must be a positive count like 6.3T, 300B or 2e9, got '{s}'")
-    return int(round(value))
+    return round(value)
 
 
 def parse_duration(s: str | float) -> float:
     """'30d', '12h', '1d12h', '90min', '2w' → seconds (a bare number is seconds)."""
     text = str(s).strip().lower()
     parts = re.findall(r"([0-9.]+)\s*(min|[smhdw]?)", text)
-    if not parts or re.sub(r"[0-9.]+\s*(min|[smhdw]?)", "", text).strip() or any(p[0].count(".") > 1 for p in parts):
+    leftover = re.sub(r"[0-9.]+\s*(min|[smhdw]?)", "", text).strip()
+    if not parts or leftover or any(p[0].count(".") > 1 for p in parts):
         raise UserError(f"expected a duration like 30d, 12h or 1d12h, got '{s}'")
     seconds = sum(float(n) * _UNITS[u or "s"] for n, u in parts)
     if seconds <= 0:
@@ -158,18 +153,15 @@ def make_job(model: ModelConfig | str, tokens: int | str, seq_len: int, batch_si
     return Job(cfg, parse_tokens(tokens), seq_len, batch, 4 if compute_dtype == "float32" else 2)
 
 
-# ---------------------------------------------------------------------------------------------
 # Memory
-
-
 @lru_cache(maxsize=4096)
 def local_params(cfg: ModelConfig, fsdp: int, tensor: int) -> float:
     """Parameters held per chip under sharding.PARAM_RULES (non-dividing axes stay replicated)."""
     sizes = {"fsdp": fsdp, "tensor": tensor}
-    leaf = lambda x: isinstance(x, tuple)  # noqa: E731
     total = 0.0
-    for axes, shape in zip(jax.tree.leaves(param_axes(cfg), is_leaf=leaf),
-                           jax.tree.leaves(param_shapes(cfg), is_leaf=leaf)):
+    leaves = [jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple)) for tree in (param_axes(cfg),
+                                                                                     param_shapes(cfg))]
+    for axes, shape in zip(*leaves):
         n = float(math.prod(shape))
         for name, dim in zip(axes, shape):
             size = sizes.get(PARAM_RULES.get(name) or "", 1)
@@ -181,21 +173,20 @@ def local_params(cfg: ModelConfig, fsdp: int, tensor: int) -> float:
 def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool) -> tuple[float, float]:
     """Bytes JAX saves per token per layer for the backward: (replicated over tensor, split by tensor).
 
-    Read off model.py (and checked with jax's saved-residual listing and XLA's CPU buffer sizes):
-    each RMSNorm keeps the fp32 input and normalised value (8·D) plus the compute-dtype copy;
-    attention keeps q, k, v after RoPE, the output, and per score an fp32 exp and the probability;
-    SwiGLU keeps gate, up, three silu intermediates and their product. 'dots' keeps only matmul outputs (scores and PV in
-    fp32), 'full' only the layer input. `b` is the compute dtype's size.
+    Read off model.py, checked with jax's residual listing and XLA's CPU buffers. Each RMSNorm keeps
+    the fp32 input and normalised value (8·D) plus the compute-dtype copy; attention keeps q, k, v
+    after RoPE, its output, and per score an fp32 exp and the probability; SwiGLU keeps gate, up,
+    three silu intermediates and their product. 'dots' keeps only matmul outputs (scores and PV in
+    fp32), 'full' only the layer input. `b`: compute dtype bytes.
     """
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
     Dkv = cfg.n_kv_heads * cfg.head_dim
-    cast = b if b != 4 else 0  # a separate compute-dtype copy exists only when it is not fp32
     if remat == "full":
         return b * D, 0.0
     if remat == "dots":
         attn = 0.0 if flash else 4 * H * T + 4 * D  # flash is a custom call, not a dot: recomputed
         return 2 * b * D, b * D + 2 * b * Dkv + 2 * b * F + attn
-    norm = 8 + cast
+    norm = 8 + (b if b != 4 else 0)  # a separate compute-dtype copy exists only when it is not fp32
     # Scores: fp32 exp + compute-dtype probabilities (8 B per score in fp32 measured on CPU; JAX lists
     # the mask and masked scores too, but XLA keeps neither). Flash keeps only an fp32 log-sum-exp.
     attn = 4 * H if flash else (4 + b) * H * T
@@ -232,10 +223,7 @@ def memory_per_chip(job: Job, layout: Layout, flash: bool = False) -> dict[str, 
             "total": states + casts + gathered + acts}
 
 
-# ---------------------------------------------------------------------------------------------
 # Step time
-
-
 def _splits(chip: Chip, n: int, layout: Layout) -> dict[str, tuple[int, int]]:
     """Each mesh axis → (ranks inside one scale-up domain, ranks across domains), innermost first."""
     cap, out = min(chip.domain, n), {}
@@ -246,16 +234,19 @@ def _splits(chip: Chip, n: int, layout: Layout) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _collective_s(nbytes: float, split: tuple[int, int], chip: Chip) -> float:
-    """Reduce-scatter or all-gather of `nbytes` (the full buffer): hierarchical ring, bandwidth-bound."""
+def _collective_s(nbytes: float, split: tuple[int, int], chip: Chip, calls: int = 1) -> float:
+    """`calls` reduce-scatters or all-gathers moving `nbytes` in all: hierarchical rings.
+
+    Bandwidth: (r-1)/r of the buffer per chip over each level. Latency: one hop per ring step.
+    """
     inside, across = split
     t = 0.0
     if inside > 1:
         bw = (chip.link_bw or 0) * LINK_EFF
-        t += (inside - 1) / inside * nbytes / bw + LATENCY_IN if bw else math.inf
+        t += (inside - 1) * (nbytes / inside / bw + calls * LATENCY_IN) if bw else math.inf
     if across > 1:
         bw = (chip.scaleout_bw or 0) * SCALEOUT_EFF
-        t += (across - 1) / across * nbytes / inside / bw + LATENCY_OUT if bw else math.inf
+        t += (across - 1) * (nbytes / inside / across / bw + calls * LATENCY_OUT) if bw else math.inf
     return t
 
 
@@ -272,25 +263,25 @@ def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: flo
     cfg, b, flash = job.cfg, job.compute_bytes, chip.attention == "flash"
     t, f, ga, L = layout.tensor, layout.fsdp, layout.grad_accum, cfg.n_layers
     tok_mb = job.batch * job.seq_len / (layout.data * f * ga)  # tokens per chip (group) per microbatch
-    fpt = flops_per_token(cfg, job.seq_len) + _recompute_flops_per_token(cfg, job.seq_len, layout.remat, flash)
+    T = job.seq_len
+    fpt = flops_per_token(cfg, T) + _recompute_flops_per_token(cfg, T, layout.remat, flash)
     compute = fpt * tok_mb / t / sustained_flops
     hbm_bw = (chip.hbm_bw or 0) * HBM_EFF
     p_group = local_params(cfg, 1, t)  # params a chip computes with (gathered over fsdp)
     _, saved = _act_per_token(job, layout.remat, t, flash)
     hbm = (12 * p_group + 3 * saved * tok_mb) / hbm_bw if hbm_bw else 0.0  # weights r/w, acts w+r+grad
     sp = _splits(chip, n, layout)
-    fsdp = 3 * _collective_s(b * p_group, sp["fsdp"], chip) + 2 * _collective_s(b * p_group / f, sp["data"], chip)
-    tp = 4 * L * 2 * _collective_s(tok_mb * cfg.d_model * b, sp["tensor"], chip)
+    # Per layer: FSDP all-gathers (fwd, bwd) + reduce-scatter, the DP all-reduce of the grad shard.
+    fsdp = 3 * _collective_s(b * p_group, sp["fsdp"], chip, L) \
+        + 2 * _collective_s(b * p_group / f, sp["data"], chip, L)
+    tp = 2 * _collective_s(4 * L * tok_mb * cfg.d_model * b, sp["tensor"], chip, 4 * L)  # 4 all-reduces/layer
     micro = max(compute, hbm, fsdp) + fsdp / L + tp
     opt = 28 * local_params(cfg, f, t) / hbm_bw if hbm_bw else 0.0  # read p, g, m, v; write p, m, v
     return {"step": ga * micro + opt, "compute": ga * compute, "hbm": ga * hbm, "fsdp": ga * fsdp,
             "tp": ga * tp, "optimizer": opt}
 
 
-# ---------------------------------------------------------------------------------------------
 # Search
-
-
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
@@ -354,15 +345,13 @@ def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | Non
                 best = row if best is None or row.step_s < best.step_s else best
                 break  # more accumulation only adds collectives: the first fit is this layout's best
     if best is None:
-        return PlanRow(chip.key, chip.name, n, None, note=f"no layout of batch {job.batch} fits in HBM on {n}")
+        return PlanRow(chip.key, chip.name, n, None, note=f"no layout of batch {job.batch} fits in HBM")
     return best
 
 
 def _counts(chip: Chip) -> list[int]:
     """Sensible chip counts: powers of two, and whole domains when the domain is not one."""
-    counts = {2**k for k in range(18)}
-    if chip.domain & (chip.domain - 1):
-        counts |= {chip.domain * 2**k for k in range(18)}
+    counts = {2**k for k in range(18)} | {chip.domain * 2**k for k in range(18)}
     return sorted(c for c in counts if c <= MAX_CHIPS)
 
 
@@ -384,13 +373,21 @@ def _meet_deadline(job: Job, chip: Chip, deadline_s: float, calibrated: dict[str
 
 
 def _chips(keys: Sequence[str] | None, catalog: Catalog) -> list[Chip]:
+    """The chips asked for (default: every training chip with a peak and an HBM size)."""
     if not keys:
         return [c for c in catalog.values() if c.training and c.peak_bf16_flops and c.hbm_bytes]
     chips = [get_chip(k.strip(), catalog) for k in keys]
     for c in chips:
         if not c.training:
-            raise UserError(f"{c.key} ({c.name}) is an inference-only part; the Neuron SDK does not train on it")
+            raise UserError(f"{c.key} ({c.name}) is inference-only: the Neuron SDK does not train on it")
     return chips
+
+
+def _setup(model: ModelConfig | str, tokens: int | str, seq_len: int, batch_size: int | None,
+           prices: Sequence, calibration: Sequence, catalog: Catalog | None) -> tuple[Job, Catalog, dict]:
+    job = make_job(model, tokens, seq_len, batch_size)
+    catalog = catalog if catalog is not None else load_catalog(prices)
+    return job, catalog, fit_sustained(load_records(calibration), catalog) if calibration else {}
 
 
 def _order(row: PlanRow) -> tuple:
@@ -404,10 +401,8 @@ def plan(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Seque
          calibration: Sequence[str | Path | dict] = (), remats: Sequence[str] = REMATS,
          catalog: Catalog | None = None) -> list[PlanRow]:
     """The best layout per chip, at `num_chips` or at the fewest chips meeting `deadline`, by cost."""
-    job = make_job(model, tokens, seq_len, batch_size)
-    catalog = catalog if catalog is not None else load_catalog(prices)
+    job, catalog, calibrated = _setup(model, tokens, seq_len, batch_size, prices, calibration, catalog)
     selected = _chips(chips, catalog)
-    calibrated = fit_sustained(load_records(calibration), catalog) if calibration else {}
     if (num_chips is None) == (deadline is None):
         raise UserError("give exactly one of --num-chips N or --deadline (e.g. 30d)")
     if num_chips is not None:
@@ -431,21 +426,12 @@ def sweep(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Sequ
           prices: Sequence[str | Path] = (), calibration: Sequence[str | Path | dict] = (),
           catalog: Catalog | None = None) -> list[PlanRow]:
     """Feasible best rows of each chip at several chip counts: the points of the Pareto plot."""
-    job = make_job(model, tokens, seq_len, batch_size)
-    catalog = catalog if catalog is not None else load_catalog(prices)
-    calibrated = fit_sustained(load_records(calibration), catalog) if calibration else {}
+    job, catalog, calibrated = _setup(model, tokens, seq_len, batch_size, prices, calibration, catalog)
     rows = [best_layout(job, c, n, calibrated) for c in _chips(chips, catalog) for n in counts]
     return [r for r in rows if r.layout]
 
 
-# ---------------------------------------------------------------------------------------------
 # Output
-
-
-def _money(x: float | None) -> str:
-    return "unknown" if x is None else (f"${x / 1e6:,.2f}M" if x >= 1e6 else f"${x:,.0f}")
-
-
 def format_plan_table(rows: Sequence[PlanRow]) -> str:
     """A text table, one row per chip (and chip count), in the given order."""
     head = ("chip", "chips", "mesh dxfxt", "micro x accum", "remat", "mem/HBM GB", "step s", "MFU",
@@ -458,14 +444,14 @@ def format_plan_table(rows: Sequence[PlanRow]) -> str:
         hbm = "?" if r.hbm_bytes is None else f"{r.hbm_bytes / 1e9:.0f}"
         eff = f"eff {r.efficiency:.2f}{' cal' if r.calibrated else ''}" if r.efficiency else "calibrated"
         out.append((
-            r.chip, f"{r.n_chips:,}", str(r.layout), f"{r.micro_rows} x {r.layout.grad_accum}", r.layout.remat,
-            f"{r.memory_bytes / 1e9:.0f}/{hbm}", f"{r.step_s:.2f}", "-" if r.mfu is None else f"{100 * r.mfu:.0f}%",
-            f"{r.tokens_per_s_per_chip:,.0f}", f"{r.wall_s / 86400:.1f}", _money(r.cost_usd),
-            "-" if r.usd_per_mtok is None else f"{r.usd_per_mtok:.3f}", ", ".join(x for x in (eff, r.note) if x),
+            r.chip, f"{r.n_chips:,}", str(r.layout), f"{r.micro_rows} x {r.layout.grad_accum}",
+            r.layout.remat, f"{r.memory_bytes / 1e9:.0f}/{hbm}", f"{r.step_s:.2f}",
+            "-" if r.mfu is None else f"{100 * r.mfu:.0f}%", f"{r.tokens_per_s_per_chip:,.0f}",
+            f"{r.wall_s / 86400:.1f}", "unknown" if r.cost_usd is None else f"${r.cost_usd:,.0f}",
+            "-" if r.usd_per_mtok is None else f"{r.usd_per_mtok:.3f}",
+            ", ".join(x for x in (eff, r.note) if x),
         ))
-    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i in (0, 2, 4, 12) else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in out)
+    return format_columns(out, left={0, 2, 4, 12})
 
 
 def pareto_plot(rows: Sequence[PlanRow], path: str | Path, title: str = "") -> Path:
@@ -482,11 +468,8 @@ def pareto_plot(rows: Sequence[PlanRow], path: str | Path, title: str = "") -> P
         ax.plot([r.wall_s / 86400 for r in mine], [r.cost_usd for r in mine], "o-", label=key, alpha=0.8)
         for r in mine:
             ax.annotate(str(r.n_chips), (r.wall_s / 86400, r.cost_usd), fontsize=6, alpha=0.6)
-    frontier, best = [], math.inf
-    for r in sorted(pts, key=lambda r: (r.wall_s, r.cost_usd)):
-        if r.cost_usd < best:
-            frontier.append(r)
-            best = r.cost_usd
+    by_time = sorted(pts, key=lambda r: (r.wall_s, r.cost_usd))
+    frontier = [r for i, r in enumerate(by_time) if all(r.cost_usd < q.cost_usd for q in by_time[:i])]
     ax.step([r.wall_s / 86400 for r in frontier], [r.cost_usd for r in frontier], "k--", where="post",
             label="Pareto frontier", linewidth=1)
     unpriced = sorted({r.chip for r in rows if r.layout and r.cost_usd is None})
@@ -499,10 +482,7 @@ def pareto_plot(rows: Sequence[PlanRow], path: str | Path, title: str = "") -> P
     return Path(path)
 
 
-# ---------------------------------------------------------------------------------------------
 # Calibration from `anychip bench` records
-
-
 _RECORD_KEYS = ("chip", "model", "seq_len", "batch_size", "n_devices", "mesh", "remat", "step_time_s")
 
 
@@ -510,38 +490,38 @@ def load_records(sources: Iterable[str | Path | dict]) -> list[dict[str, Any]]:
     """Bench records from JSON files (one record or a list each), or records given as dicts."""
     records: list[dict[str, Any]] = []
     for src in sources:
-        if isinstance(src, dict):
-            records.append(src)
-            continue
-        path = Path(src)
-        if not path.is_file():
-            raise UserError(f"calibration file not found: {path}")
+        if not isinstance(src, dict) and not Path(src).is_file():
+            raise UserError(f"calibration file not found: {src}")
         try:
-            data = json.loads(path.read_text())
+            data = src if isinstance(src, dict) else json.loads(Path(src).read_text())
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{src}: not valid JSON ({e.msg} at line {e.lineno})") from None
         records.extend(data if isinstance(data, list) else [data])
     for i, r in enumerate(records):
-        missing = [k for k in _RECORD_KEYS if k not in r]
-        if missing:
+        if missing := [k for k in _RECORD_KEYS if k not in r]:
             raise UserError(f"calibration record {i}: missing {', '.join(missing)}")
     return records
 
 
 def _case(record: dict[str, Any], catalog: Catalog) -> tuple[Job, Chip, int, Layout]:
-    """The planner's view of a measured run: job, chip, chip count, layout."""
+    """The planner's view of a measured run: job, chip, chip count, layout (over chips, not devices)."""
     try:
         cfg = ModelConfig(**record["model"])
     except TypeError as e:
         raise UserError(f"calibration record for {record['chip']}: bad model ({e})") from None
     chip = get_chip(record["chip"], catalog)
-    mesh = record["mesh"]
-    layout = Layout(int(mesh.get("data", 1)), int(mesh.get("fsdp", 1)), int(mesh.get("tensor", 1)),
-                    int(record.get("grad_accum", 1)), record["remat"] if record["remat"] in REMATS else "dots")
+    matched = match_device_kind(str(record.get("device_kind", "")), catalog)
+    per_chip = matched.devices_per_chip if matched and matched.key == chip.key else 1
+    mesh = {a: int(record["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor")}
+    for axis in ("fsdp", "data", "tensor"):  # Neuron: a chip's cores count as one device of the mesh
+        if per_chip > 1 and mesh[axis] % per_chip == 0:
+            mesh[axis] //= per_chip
+            per_chip = 1
+    remat = record["remat"] if record["remat"] in REMATS else "dots"  # dots_no_batch ≈ dots
+    layout = Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], int(record.get("grad_accum", 1)), remat)
     job = Job(cfg, 1, int(record["seq_len"]), int(record["batch_size"]),
               4 if record.get("compute_dtype") == "float32" else 2)
-    n = max(1, round(int(record["n_devices"]) / chip.devices_per_chip))
-    return job, chip, n, layout
+    return job, chip, layout.data * layout.fsdp * layout.tensor, layout
 
 
 def _implied_sustained(record: dict[str, Any], catalog: Catalog) -> float:
@@ -551,11 +531,9 @@ def _implied_sustained(record: dict[str, Any], catalog: Catalog) -> float:
     lo, hi = 1e3, 1e19
     if step_time(job, chip, n, layout, hi)["step"] >= target:
         return math.inf  # communication/memory alone already explain the time: compute cannot be fitted
-    for _ in range(200):
+    while hi / lo > 1 + 1e-9:
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if step_time(job, chip, n, layout, mid)["step"] > target else (lo, mid)
-        if hi / lo < 1 + 1e-9:
-            break
     return math.sqrt(lo * hi)
 
 
@@ -576,7 +554,7 @@ def fit_sustained(records: Sequence[dict[str, Any]], catalog: Catalog | None = N
     return {k: statistics.median(v) for k, v in implied.items()}
 
 
-def calibration_report(records: Sequence[dict[str, Any]], catalog: Catalog | None = None) -> list[dict[str, Any]]:
+def calibration_report(records: Sequence[dict[str, Any]], catalog: Catalog | None = None) -> list[dict]:
     """Per record: measured step time, the prediction with the default efficiency and after fitting.
 
     The fitted prediction for a record uses only the chip's other records (leave-one-out) when there
@@ -586,19 +564,17 @@ def calibration_report(records: Sequence[dict[str, Any]], catalog: Catalog | Non
     out = []
     for i, r in enumerate(records):
         job, chip, n, layout = _case(r, catalog)
-        measured = float(r["step_time_s"])
-        s_default, _, _ = _sustained(chip, {})
+        measured, implied = float(r["step_time_s"]), _implied_sustained(r, catalog)
         others = [x for j, x in enumerate(records) if j != i and x["chip"] == r["chip"]]
         fitted = fit_sustained(others or [r], catalog).get(chip.key)
-        pred_default = step_time(job, chip, n, layout, s_default)["step"] if s_default else None
-        pred_fit = step_time(job, chip, n, layout, fitted)["step"] if fitted else None
-        implied = _implied_sustained(r, catalog)
+        preds = {"default": _sustained(chip, {})[0], "fit": fitted}
+        preds = {k: step_time(job, chip, n, layout, v)["step"] if v else None for k, v in preds.items()}
         out.append({
             "chip": chip.key, "model": job.cfg.name, "seq_len": job.seq_len, "batch_size": job.batch,
             "n_chips": n, "mesh": str(layout), "remat": layout.remat, "measured_s": measured,
-            "predicted_default_s": pred_default,
-            "error_default": None if pred_default is None else pred_default / measured - 1,
-            "predicted_fit_s": pred_fit, "error_fit": None if pred_fit is None else pred_fit / measured - 1,
+            "predicted_default_s": preds["default"], "predicted_fit_s": preds["fit"],
+            "error_default": None if preds["default"] is None else preds["default"] / measured - 1,
+            "error_fit": None if preds["fit"] is None else preds["fit"] / measured - 1,
             "fit": "leave-one-out" if others else "in-sample",
             "implied_efficiency": implied / chip.peak_bf16_flops if chip.peak_bf16_flops else None,
             "implied_tflops": implied / 1e12,
@@ -607,61 +583,14 @@ def calibration_report(records: Sequence[dict[str, Any]], catalog: Catalog | Non
 
 
 def format_calibration_table(rows: Sequence[dict[str, Any]]) -> str:
-    pct = lambda x: "-" if x is None else f"{100 * x:+.0f}%"  # noqa: E731
-    lines = [f"{'chip':8} {'model':10} {'batch x seq':>12} {'mesh':>9} {'remat':5} {'measured':>9} "
-             f"{'default':>9} {'err':>6} {'fitted':>9} {'err':>6} {'eff':>5}"]
-    for r in rows:
-        lines.append(
-            f"{r['chip']:8} {r['model']:10} {r['batch_size']:>5} x {r['seq_len']:<5} {r['mesh']:>9} {r['remat']:5} "
-            f"{r['measured_s']:9.4f} {r['predicted_default_s'] or math.nan:9.4f} {pct(r['error_default']):>6} "
-            f"{r['predicted_fit_s'] or math.nan:9.4f} {pct(r['error_fit']):>6} "
-            f"{'-' if r['implied_efficiency'] is None else format(r['implied_efficiency'], '.2f'):>5}")
-    return "\n".join(lines)
+    """Measured vs predicted step time per record, before and after fitting the efficiency."""
+    def f(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
 
-
-def measure_record(cfg: ModelConfig, seq_len: int, batch_size: int, remat: str = "none", steps: int = 3,
-                   compute_dtype: str = "float32") -> dict[str, Any]:
-    """Time a forward + backward + AdamW step on the current device and return a bench-style record.
-
-    A stand-in for `anychip bench` so tests can check the planner's error on CPU (float32 by
-    default: XLA:CPU emulates bf16 matmuls, which says nothing about the model).
-    """
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-
-    from anychip.config import to_dict
-    from anychip.hardware import detect
-    from anychip.model import cross_entropy, forward, init_params
-
-    dtype = jnp.float32 if compute_dtype == "float32" else jnp.bfloat16
-    opt = optax.adamw(1e-3)
-
-    def train_step(params, opt_state, tokens):
-        loss_fn = lambda p: cross_entropy(forward(p, tokens[:, :-1], cfg, compute_dtype=dtype, remat=remat),  # noqa: E731
-                                          tokens[:, 1:])[0]
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    # One compiled init each, not dozens of eager ops: on CPU those compiles take longer than the run.
-    params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0))
-    state = jax.jit(opt.init)(params)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_size, seq_len + 1)), jnp.int32)
-    step = jax.jit(train_step, donate_argnums=(0, 1))
-    params, state, loss = step(params, state, tokens)  # compile and warm up: not timed
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):  # the fastest step: robust to other processes sharing the host
-        t0 = time.perf_counter()
-        params, state, loss = step(params, state, tokens)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-    elapsed = min(times)
-    return {
-        "chip": detect().key, "device_kind": jax.devices()[0].device_kind, "model": to_dict(cfg),
-        "seq_len": seq_len, "batch_size": batch_size, "grad_accum": 1, "n_devices": 1,
-        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "remat": remat, "compute_dtype": compute_dtype,
-        "step_time_s": elapsed, "tokens_per_s": batch_size * seq_len / elapsed, "mfu": None,
-        "peak_memory_bytes": None,
-    }
+    out = [("chip", "model", "batch x seq", "mesh", "remat", "measured s", "default s", "err", "fitted s",
+            "err", "eff")]
+    out += [(r["chip"], r["model"], f"{r['batch_size']} x {r['seq_len']}", r["mesh"], r["remat"],
+             f(r["measured_s"], ".4f"), f(r["predicted_default_s"], ".4f"), f(r["error_default"], "+.0%"),
+             f(r["predicted_fit_s"], ".4f"), f(r["error_fit"], "+.0%"), f(r["implied_efficiency"], ".2f"))
+            for r in rows]
+    return format_columns(out, left={0, 1, 3, 4})

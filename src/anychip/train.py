@@ -63,6 +63,11 @@ def scale_learning_rate() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: LrScaleState(jnp.ones((), jnp.float32)), update)
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def lr_scale(state: TrainState) -> float:
     return float(state.opt_state[-1].scale)
 
@@ -239,11 +244,13 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Config, Any,
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    if not ckpt.all_steps():
         raise UserError(f"{run_dir} has no checkpoint")
-    trainer = build_trainer(cfg)
-    state, _ = ckpt.restore(step, abstract_state(trainer))
+    abstract = abstract_state(build_trainer(cfg))
+    if step is None:  # the newest that restores intact (a damaged one is moved aside with a warning)
+        step, state, _ = ckpt.restore_newest(abstract)  # type: ignore[misc]
+    else:
+        state, _ = ckpt.restore(step, abstract)
     tokenizer = _run_tokenizer(run_dir, ckpt, step)
     ckpt.close()
     return cfg, state.params, tokenizer
@@ -273,7 +280,8 @@ def resume_step(cfg: Config, ckpt: checkpoint.Checkpointer) -> int | None:
     if mode in ("auto", "never"):
         return steps[-1] if steps and mode == "auto" else None
     if int(mode) not in steps:
-        raise UserError(f"checkpoint.resume={mode}: {ckpt.directory} has no checkpoint {mode} (it has {steps})")
+        raise UserError(f"checkpoint.resume={mode}: {ckpt.directory} has no checkpoint {mode} "
+                        f"(it has {steps})")
     return int(mode)
 
 
@@ -312,7 +320,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return ", ".join(c for c in changes if c)
 
 
-def check_same_data(meta: dict[str, Any], data_dir: Path, train_ds: TokenDataset, log: Callable[[str], None]) -> None:
+def check_same_data(meta: dict[str, Any], data_dir: Path, train_ds: TokenDataset,
+                    log: Callable[[str], None]) -> None:
     """A resumed run must read the same tokens: a new tokenizer is an error, new data a warning."""
     if meta.get("tokenizer_sha256") not in (None, train_ds.manifest["tokenizer_sha256"]):
         raise UserError(f"{data_dir} was tokenized with another tokenizer than checkpoint {meta.get('step')} "
@@ -375,7 +384,8 @@ def truncate_metrics(run_dir: Path, meta: dict[str, Any] | None, log: Callable[[
     if keep is None or not path.is_file() or jax.process_index() != 0:
         return
     if path.stat().st_size < keep:
-        log(f"warning: {path} is shorter than when checkpoint {meta and meta.get('step')} was written; left as is")
+        log(f"warning: {path} is shorter than when checkpoint {meta and meta.get('step')} was written; "
+            "left as is")
     elif path.stat().st_size > keep:
         os.truncate(path, keep)
 
@@ -573,8 +583,10 @@ class Loop:
     """The steps of one `train` call: batches, eval, checkpoints, stop signals and the non-finite guard."""
 
     def __init__(self, trainer: Trainer, ckpt: checkpoint.Checkpointer, writer: Any, logger: StepLogger,
-                 datasets: tuple[TokenDataset, TokenDataset], meta: dict[str, Any], log: Callable[[str], None]):
-        self.trainer, self.cfg, self.ckpt, self.writer, self.logger = trainer, trainer.cfg, ckpt, writer, logger
+                 datasets: tuple[TokenDataset, TokenDataset], meta: dict[str, Any],
+                 log: Callable[[str], None]):
+        self.trainer, self.cfg, self.ckpt, self.writer = trainer, trainer.cfg, ckpt, writer
+        self.logger = logger
         (self.train_ds, self.val_ds), self.meta, self.log = datasets, meta, log
         self.byte_lengths = token_byte_lengths(load_tokenizer(self.train_ds.tokenizer_path))
         self.tokenizer = checkpoint.tokenizer_json(self.train_ds.tokenizer_path)
@@ -592,7 +604,8 @@ class Loop:
         result = evaluate(self.trainer, params, self.val_ds, self.cfg.train.eval_batches, self.byte_lengths)
         if write:
             self.writer.write({"step": step, **result})
-        self.log(f"step {step}: held-out loss {result['eval_loss']:.4f} ({result['bits_per_byte']:.3f} bits/byte)")
+        self.log(f"step {step}: held-out loss {result['eval_loss']:.4f} "
+                 f"({result['bits_per_byte']:.3f} bits/byte)")
         return result
 
     def run(self, state: TrainState, start: int, stop: StopSignals,
@@ -621,7 +634,8 @@ class Loop:
     def save(self, step: int, state: TrainState) -> bool:
         self.logger.drain()  # metrics.jsonl holds every row up to `step` before its length is recorded
         metrics = Path(self.cfg.run_dir) / "metrics.jsonl"
-        meta = {**self.meta, "data_next_step": step, "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0}
+        length = metrics.stat().st_size if metrics.is_file() else 0
+        meta = {**self.meta, "data_next_step": step, "metrics_bytes": length}
         self.schedule.saved()
         self.saved_step = step
         return self.ckpt.save(step, state, meta, self.tokenizer)
@@ -636,38 +650,51 @@ class Loop:
                         "earlier ones are intact)", 128 + (stop.signum or signal.SIGTERM))
 
     def recover(self, state: TrainState) -> TrainState:
-        """After `nonfinite_patience` skipped steps in a row: back to the newest checkpoint from before them
-        with a lower learning rate (a replay at the same one would likely diverge the same way), or stop."""
+        """After `nonfinite_patience` skipped steps in a row: back to the newest good checkpoint from before
+        them with a lower learning rate (a replay at the same one would likely diverge the same way)."""
         t, bad = self.cfg.train, self.logger.bad_steps
         what = f"the loss or gradients were not finite for {len(bad)} steps in a row ({bad[0]}..{bad[-1]})"
-        self.ckpt.wait()
-        good = [s for s in self.ckpt.all_steps() if s < bad[0]]
-        if t.nonfinite_action == "stop" or not good or self.restores >= MAX_NONFINITE_RESTORES:
-            why = ("train.nonfinite_action=stop" if t.nonfinite_action == "stop" else
-                   f"no checkpoint from before step {bad[0]}" if not good else f"{self.restores} restores did not help")
+        if t.nonfinite_action == "stop" or self.restores >= MAX_NONFINITE_RESTORES:
+            why = ("train.nonfinite_action=stop" if t.nonfinite_action == "stop"
+                   else f"{self.restores} restores did not help")
             raise NonFiniteError(f"{what}; stopping ({why}); newest checkpoint: {self.ckpt.latest_step()}")
-        newer = [s for s in self.ckpt.all_steps() if s > good[-1]]
-        if newer:
-            self.ckpt.set_aside(newer, "nonfinite")  # the replay saves these steps again
-        found = self.ckpt.restore_newest(abstract_state(self.trainer), max_step=good[-1])
-        assert found is not None  # good[-1] exists
+        restored = self.newest_finite(bad[0] - 1)
+        if restored is None:
+            raise NonFiniteError(f"{what}; stopping: no checkpoint with finite parameters from before "
+                                 f"step {bad[0]}")
         scale = lr_scale(state) * t.nonfinite_lr_factor
         self.restores += 1
-        restored = with_lr_scale(found[1], scale, self.trainer)
+        restored = with_lr_scale(restored, scale, self.trainer)
         step = int(restored.step)
-        self.writer.write({"step": step, "event": "nonfinite_restore", "bad_steps": [bad[0], bad[-1]], "lr_scale": scale})
+        self.writer.write({"step": step, "event": "nonfinite_restore", "bad_steps": [bad[0], bad[-1]],
+                           "lr_scale": scale})
         self.log(f"warning: {what}; restored checkpoint {step} with the learning rate x{scale:g}")
         self.logger.reset(step)
         return restored
 
+    def newest_finite(self, max_step: int) -> TrainState | None:
+        """The newest checkpoint <= max_step with finite params (parameters poisoned outside the guarded
+        update, e.g. by a bit flip, get checkpointed too); the newer ones move to checkpoints.nonfinite/,
+        as the replay writes those steps again."""
+        self.ckpt.wait()
+        abstract = abstract_state(self.trainer)
+        while (found := self.ckpt.restore_newest(abstract, max_step=max_step)) is not None:
+            step, restored, _ = found
+            if all_finite(restored.params):
+                self.ckpt.set_aside([s for s in self.ckpt.all_steps() if s > step], "nonfinite")
+                return restored
+            max_step = step - 1
+        return None
+
     def finish(self, state: TrainState, start: int) -> dict[str, float]:
         self.logger.flush()
         step = int(state.step)
-        final = self.evaluate(state.params, step, write=step > start)  # a finished run started again adds no row
+        final = self.evaluate(state.params, step, write=step > start)  # a finished run run again: no new row
         if step not in (self.saved_step, self.ckpt.latest_step()):
             self.save(step, state)
         if not self.ckpt.wait():
-            raise checkpoint.CheckpointSaveError(f"the final checkpoint {step} could not be written to {self.ckpt.directory}")
+            raise checkpoint.CheckpointSaveError(f"the final checkpoint {step} could not be written to "
+                                                 f"{self.ckpt.directory}")
         return final
 
 
@@ -694,7 +721,8 @@ def train(cfg: Config, log: Callable[[str], None] = print,
         f"mesh {dict(trainer.mesh.shape)} | {t.batch_size}x{t.seq_len} tokens per step | run dir {run_dir}")
     writer = MetricsWriter(run_dir, tensorboard=t.tensorboard) if sharding.is_main_process() else _Discard()
     logger = StepLogger(cfg, writer, start, chip, log)
-    loop = Loop(trainer, ckpt, writer, logger, (train_ds, val_ds), checkpoint_meta(cfg, data_dir, train_ds), log)
+    meta = checkpoint_meta(cfg, data_dir, train_ds)
+    loop = Loop(trainer, ckpt, writer, logger, (train_ds, val_ds), meta, log)
     try:
         with StopSignals(cfg.checkpoint.grace_s) as stop:
             initial = loop.evaluate(state.params, start) if start == 0 else None
