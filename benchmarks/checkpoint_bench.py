@@ -11,7 +11,8 @@ optimizer state) would compress and flatter the numbers. Reported per repeat:
                (fingerprints, device-to-host copy, orbax's synchronous part)
     save_s     time until the checkpoint is committed (save() + background write + rename)
     restore_s  time to restore onto the devices, fingerprints verified
-    fingerprint_s  the fingerprint computation alone (part of both stall_s and restore_s)
+    fingerprint_s  the fingerprint computation alone (part of both stall_s and restore_s; off with
+                   --no-verify, i.e. checkpoint.verify=false)
 
 Restores read through the page cache unless it can be dropped (needs root and a writable
 /proc/sys/vm/drop_caches); the output says which.
@@ -66,7 +67,7 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def bench(model: str, what: str, directory: Path, repeats: int) -> dict[str, Any]:
+def bench(model: str, what: str, directory: Path, repeats: int, verify: bool) -> dict[str, Any]:
     trainer = build_trainer(load_config(None, [f"model={model}"]))
     target: Any = abstract_state(trainer)
     if what == "params":
@@ -75,14 +76,14 @@ def bench(model: str, what: str, directory: Path, repeats: int) -> dict[str, Any
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     rows = []
     for step in range(1, repeats + 1):
-        ckpt = checkpoint.Checkpointer(directory, keep=1)
-        fingerprint_s, _ = timed(checkpoint.describe_arrays, state)
+        ckpt = checkpoint.Checkpointer(directory, keep=1, verify=verify)
+        fingerprint_s, _ = timed(checkpoint.describe_arrays, state, verify)
         stall_s, _ = timed(ckpt.save, step, state, {"bench": True})
         rest_s, ok = timed(ckpt.wait)
         assert ok
         ckpt.close()
         cold = drop_page_cache()
-        ckpt = checkpoint.Checkpointer(directory, keep=1)
+        ckpt = checkpoint.Checkpointer(directory, keep=1, verify=verify)
         restore_s, (restored, _) = timed(ckpt.restore, step, target)
         jax.block_until_ready(restored)
         ckpt.close()
@@ -92,7 +93,8 @@ def bench(model: str, what: str, directory: Path, repeats: int) -> dict[str, Any
                      "fingerprint_s": fingerprint_s,
                      "save_GBps": n_bytes / save_s / 1e9, "restore_GBps": n_bytes / restore_s / 1e9,
                      "restore_from": "disk" if cold else "page cache"})
-    return {"model": model, "what": what, "GB": n_bytes / 1e9, "devices": jax.device_count(),
+    return {"model": model, "what": what, "verify": verify, "GB": n_bytes / 1e9,
+            "devices": jax.device_count(),
             "platform": jax.devices()[0].platform, "dir": str(directory), "repeats": rows}
 
 
@@ -102,15 +104,17 @@ def main() -> None:
     parser.add_argument("--what", choices=["params", "state"], default="state")
     parser.add_argument("--dir", help="where to write (default: a temporary dir under /tmp)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-verify", action="store_true", help="checkpoint.verify=false: no fingerprints")
     args = parser.parse_args()
     parent = Path(args.dir or tempfile.gettempdir())
     directory = Path(tempfile.mkdtemp(prefix="anychip-ckpt-bench-", dir=parent))
     try:
-        result = bench(args.model, args.what, directory, args.repeats)
+        result = bench(args.model, args.what, directory, args.repeats, verify=not args.no_verify)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"{result['model']} {result['what']}: {result['GB']:.2f} GB on {result['devices']} "
-          f"{result['platform']} device(s), {result['dir']}")
+          f"{result['platform']} device(s), {result['dir']}, "
+          f"fingerprints {'on' if result['verify'] else 'off'}")
     print(f"{'':4}{'stall s':>9}{'save s':>9}{'save GB/s':>11}{'restore s':>11}{'restore GB/s':>14}"
           f"{'fingerprint s':>15}  restore from")
     for i, r in enumerate(result["repeats"], 1):

@@ -13,14 +13,14 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from anychip import sharding  # noqa: E402
-from anychip.config import MeshConfig, load_config, replace  # noqa: E402
-from anychip.model import init_params  # noqa: E402
-from anychip.train import build_trainer, grads_and_loss  # noqa: E402
+from anychip import sharding
+from anychip.config import MeshConfig, load_config, replace
+from anychip.model import init_params
+from anychip.train import build_trainer, grads_and_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -47,6 +47,16 @@ def init_memory(cfg):
             "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))}
 
 
+def data_shards() -> dict[str, list[int]]:
+    """Rows each half of the devices (a stand-in for 2 processes × 4 devices) reads, per mesh."""
+    devices = jax.devices()
+    halves = {"first": set(devices[:4]), "second": set(devices[4:])}
+    return {f"{name}/{half}": list(sharding.data_shard(sharding.make_mesh(mesh_cfg), 16, mine))
+            for name, mesh_cfg in [("data=2,fsdp=2,tensor=2", MeshConfig(2, 2, 2)), ("tensor=8", MeshConfig(1, 1, 8)),
+                                   ("fsdp=2,tensor=4", MeshConfig(1, 2, 4))]
+            for half, mine in halves.items()}
+
+
 def main() -> None:
     cfg = load_config(None, ["model=tiny", "train.compute_dtype=float32", "train.batch_size=16",
                              "train.seq_len=32", *sys.argv[1:]])
@@ -59,7 +69,8 @@ def main() -> None:
         g, ce, specs = grads(replace(cfg, train={"grad_accum": accum}), mesh, params, tokens)
         errors = [float(np.max(np.abs(x - y)) / np.max(np.abs(y))) for x, y in zip(jax.tree.leaves(g), ref)]
         out[name] = {"loss_diff": abs(ce - ce_ref), "grad_error": max(errors), "specs": specs}
-    print(json.dumps({"devices": jax.device_count(), "meshes": out, "init": init_memory(cfg)}))
+    print(json.dumps({"devices": jax.device_count(), "meshes": out, "init": init_memory(cfg),
+                      "data_shard": data_shards()}))
 
 
 if __name__ == "__main__":

@@ -73,12 +73,16 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
     for i, (out, _) in enumerate(outputs):
         assert f"jax.distributed: process {i} of 2, 4 of 8 devices local" in out
     assert "done in" in outputs[0][0] and "done in" not in outputs[1][0]  # process 0 alone speaks
-    ref = subprocess.run([sys.executable, str(HERE / "multiprocess_reference.py"), str(small_corpus),
-                          str(tmp_path / "ref"), str(tmp_path / "mp"), *RUN],
-                         capture_output=True, text=True, timeout=400, env=cpu_env(8))
+    # The reference also checks the persistent compilation cache (every compile cached, however quick).
+    cache = tmp_path / "xla"
+    cmd = [sys.executable, str(HERE / "multiprocess_reference.py"), str(small_corpus), str(tmp_path / "ref"),
+           str(tmp_path / "mp"), *RUN, f"train.compile_cache_dir={cache}"]
+    ref = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400,
+                         env=cpu_env(8, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
     assert ref.returncode == 0, ref.stderr[-4000:]
     result = json.loads(ref.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
+    assert any(path.name.startswith("jit_train_step") for path in cache.iterdir())
 
     mp, one = read_metrics(tmp_path / "mp"), read_metrics(tmp_path / "ref")
     # Process 0 alone wrote metrics.jsonl: each step once, not once per process.

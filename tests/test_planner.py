@@ -221,6 +221,8 @@ def test_unpriced_and_unfit_chips_are_reported_not_invented():
     ({"chips": ["inf2"], "num_chips": 8}, "inference-only"),
     ({"seq_len": 100_000, "num_chips": 8}, "seq_len must be in"),
     ({"model": "afm3b", "num_chips": 8}, "did you mean 'afm-3b'"),
+    ({"num_chips": 8, "remats": ["some"]}, "remat must be among"),
+    ({"deadline": -5.0}, "expected a duration"),
 ])
 def test_user_errors_are_one_line(kwargs, expected):
     args = {"model": "afm-3b", "tokens": "6.3T", "seq_len": 4096, "chips": ["h100", "tpu-v5p"]} | kwargs

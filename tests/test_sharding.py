@@ -37,8 +37,9 @@ MESHES = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
 @pytest.fixture(scope="module")
 def eight_devices():
     """Run tests/sharding_equivalence.py once for the whole module: (its JSON result, its stderr)."""
-    r = subprocess.run([sys.executable, str(HERE / "sharding_equivalence.py")], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    cmd = [sys.executable, str(HERE / "sharding_equivalence.py")]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
@@ -78,6 +79,15 @@ def test_sharded_init_never_holds_all_params_on_one_device(eight_devices):
     assert init["output"] < 3 * init["param_bytes"] / 8 * 1.05
     # The random init is generated shard by shard: no device ever materialises the full parameter set.
     assert init["temp"] < init["param_bytes"] / 2
+
+
+def test_each_process_reads_the_rows_its_devices_hold(eight_devices):
+    shards = eight_devices[0]["data_shard"]
+    # Batch axes split across the two "processes": each reads its half (TokenDataset's process slice).
+    assert shards["data=2,fsdp=2,tensor=2/first"] == [0, 2] and shards["data=2,fsdp=2,tensor=2/second"] == [1, 2]
+    assert shards["fsdp=2,tensor=4/second"] == [1, 2]
+    # A tensor axis across processes (one process per GPU, tensor=8): both need every row.
+    assert shards["tensor=8/first"] == shards["tensor=8/second"] == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ def test_compile_cache_can_be_disabled():
 # Memory: the planner's estimate and auto_fit
 
 
-def test_fsdp_divides_the_state_but_not_the_activations():
+def test_fsdp_divides_state_and_rows_per_device():
     cfg = load_config(None, ["model=1b", "train.batch_size=16", "train.seq_len=2048"])
     one = memory.estimate(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
     eight = memory.estimate(cfg, {"data": 1, "fsdp": 8, "tensor": 1})

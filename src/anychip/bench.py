@@ -60,7 +60,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
         "remat": t.remat, "attention": t.attention, "compute_dtype": t.compute_dtype,
         "compile_time_s": compile_s, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token(cfg.model, t.seq_len),
-        "mfu": mfu(tokens_per_s, flops_per_token(cfg.model, t.seq_len), chip.peak_bf16_flops, jax.device_count()),
+        "mfu": mfu(tokens_per_s, flops_per_token(cfg.model, t.seq_len), chip.peak_flops_per_device,
+                   jax.device_count()),
         "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(metrics["loss"]),
         "jax": jax.__version__, "python": platform.python_version(), "steps": steps, "warmup": warmup,
     }

@@ -77,13 +77,15 @@ class Checkpointer:
     keep: the newest `keep` complete checkpoints survive (None: all); keep_every: so does every
     checkpoint whose step is a multiple of it. on_save_error: "stop" raises CheckpointSaveError,
     "continue" logs a warning and goes on; either way the earlier checkpoints are untouched.
+    verify: fingerprint the arrays at save and check them at restore. On accelerators that costs
+    milliseconds; XLA:CPU runs the integer reductions at only ~1-2 GB/s (benchmarks/checkpoint_bench.py).
     """
 
     def __init__(self, directory: str | Path, *, keep: int | None = 3, keep_every: int = 0,
-                 async_save: bool = True, on_save_error: SaveErrorPolicy = "stop",
+                 async_save: bool = True, on_save_error: SaveErrorPolicy = "stop", verify: bool = True,
                  log: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
-        self.on_save_error, self.log = on_save_error, log
+        self.on_save_error, self.verify, self.log = on_save_error, verify, log
         self._pending: int | None = None
         self._manager = ocp.CheckpointManager(
             self.directory, options=_manager_options(keep, keep_every, async_save), item_names=ITEMS
@@ -104,7 +106,7 @@ class Checkpointer:
         Returns False if it could not be started (or the previous save failed) under "continue".
         """
         ok = self._finish_pending()
-        meta = {**meta, "step": step, "arrays": describe_arrays(state)}
+        meta = {**meta, "step": step, "arrays": describe_arrays(state, fingerprints=self.verify)}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if tokenizer is not None:
             items["tokenizer"] = ocp.args.JsonSave(tokenizer)
@@ -157,7 +159,7 @@ class Checkpointer:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )["state"]
-        if "arrays" in meta:
+        if self.verify and "arrays" in meta:
             verify(restored, meta["arrays"], f"{self.directory}/{step}")
         return restored, meta
 
@@ -249,14 +251,15 @@ def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(path, simple=True, separator="."), leaf) for path, leaf in flat]
 
 
-def describe_arrays(tree: Any) -> dict[str, dict[str, Any]]:
-    """{name: {shape, dtype, fingerprint}} for every array of `tree` (one small device computation)."""
+def describe_arrays(tree: Any, fingerprints: bool = True) -> dict[str, dict[str, Any]]:
+    """{name: {shape, dtype[, fingerprint]}} for every array of `tree` (one device computation)."""
     named = _named_leaves(tree)
-    sums = jax.device_get(_fingerprints([leaf for _, leaf in named]))
-    return {
-        name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "fingerprint": (int(a) << 32) | int(b)}
-        for (name, leaf), (a, b) in zip(named, sums)
-    }
+    info = {name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for name, leaf in named}
+    if fingerprints:
+        sums = jax.device_get(_fingerprints([leaf for _, leaf in named]))
+        for (name, _), (a, b) in zip(named, sums):
+            info[name]["fingerprint"] = (int(a) << 32) | int(b)
+    return info
 
 
 def check_compatible(abstract_state: Any, saved: dict[str, dict[str, Any]] | None, where: str) -> None:
@@ -276,7 +279,7 @@ def check_compatible(abstract_state: Any, saved: dict[str, dict[str, Any]] | Non
 
 def verify(state: Any, saved: dict[str, dict[str, Any]], where: str) -> None:
     for name, info in describe_arrays(state).items():
-        if name in saved and info["fingerprint"] != saved[name]["fingerprint"]:
+        if "fingerprint" in saved.get(name, {}) and info["fingerprint"] != saved[name]["fingerprint"]:
             raise CorruptCheckpoint(f"array '{name}' in {where} does not match the fingerprint saved with it")
 
 

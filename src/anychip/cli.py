@@ -42,6 +42,11 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['initial_eval_loss'] or float('nan'):.3f} -> {summary['eval_loss']:.3f} "
           f"(perplexity {summary['perplexity']:.1f}, {summary['bits_per_byte']:.3f} bits/byte); "
           f"run saved in {summary['run_dir']}")
+    ledger = summary["ledger"]
+    price = "price unknown (set train.price_per_hour)" if ledger["cost_usd"] is None else (
+        f"${ledger['cost_usd']:.4f} at ${ledger['price_per_hour']:.2f}/chip-hour, "
+        f"${ledger['usd_per_mtok']:.4f} per million tokens")
+    print(f"cost: {ledger['chip_hours']:.4f} chip-hours of {ledger['chip']}, {price}")
     if cfg.train.sample_tokens and jax.process_count() > 1:
         print("(no sample: params span several processes; run `anychip generate RUN_DIR` on one host)")
     elif cfg.train.sample_tokens:
@@ -133,6 +138,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_hardware(args: argparse.Namespace) -> int:
+    from anychip.hardware import format_catalog_table, load_catalog
+
+    print(format_catalog_table(load_catalog(args.prices or [])))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from anychip import planner
+
+    chips = args.chips.split(",") if args.chips else None
+    common = {"batch_size": args.batch_size, "prices": args.prices or [], "calibration": args.calibration or []}
+    rows = planner.plan(args.model, args.tokens, args.seq_len, chips, num_chips=args.num_chips,
+                        deadline=args.deadline, budget=args.budget, remats=args.remat.split(","), **common)
+    print(planner.format_plan_table(rows))
+    if args.calibration:
+        records = planner.load_records(args.calibration)
+        print("\ncalibration (step time predicted vs measured):")
+        print(planner.format_calibration_table(planner.calibration_report(records)))
+    if args.plot:
+        rows = planner.sweep(args.model, args.tokens, args.seq_len, chips, **common)
+        print(f"wrote {planner.pareto_plot(rows, args.plot, f'{args.model}, {args.tokens} tokens')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anychip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--json", help="also write the record to this JSON file")
     p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser("hardware", help="the accelerator catalog (specs, prices, sources)")
+    p.add_argument("--prices", nargs="+", help="YAML files overriding prices or adding chips")
+    p.set_defaults(handler=cmd_hardware)
+
+    p = sub.add_parser("plan", help="predict time, memory and cost of a pretraining job on each chip")
+    p.add_argument("--model", required=True, help="a model preset (e.g. afm-3b) or a config YAML")
+    p.add_argument("--tokens", required=True, help="training tokens, e.g. 6.3T, 300B, 2e9")
+    p.add_argument("--seq-len", "--seq", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, help="global batch in sequences (default: ~4M tokens)")
+    p.add_argument("--chips", help="comma-separated catalog keys (default: all training chips)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--num-chips", type=int, help="plan for this many chips")
+    size.add_argument("--deadline", help="fewest chips that finish within e.g. 30d, 12h")
+    p.add_argument("--budget", type=float, help="drop plans costing more than this many USD")
+    p.add_argument("--prices", nargs="+", help="YAML files overriding prices or adding chips")
+    p.add_argument("--calibration", nargs="+", help="`anychip bench --json` records to fit efficiencies")
+    p.add_argument("--remat", default="none,dots,full", help="remat policies to consider")
+    p.add_argument("--plot", help="write a cost-vs-time Pareto plot (PNG) here")
+    p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")
     p.add_argument("run_dir")

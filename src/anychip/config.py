@@ -157,6 +157,8 @@ class TrainConfig:
     eval_batches: int = 8
     tensorboard: bool = False
     sample_tokens: int = 120
+    # $ per chip-hour for the cost ledger; null = the catalog's on-demand price for the detected chip.
+    price_per_hour: float | None = None
     # Pick grad_accum (microbatch size) and remat so the step fits device memory (see sharding.auto_fit).
     auto_fit: bool = False
     # Persistent XLA compilation cache; null or "none" disables it.
@@ -179,6 +181,7 @@ class TrainConfig:
         )
         _require(self.z_loss >= 0, f"train.z_loss must be >= 0, got {self.z_loss}")
         _require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
+        _require(self.price_per_hour is None or self.price_per_hour >= 0, "train.price_per_hour must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -223,12 +226,13 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """When checkpoints are written and kept, how a run resumes and stops (README "Resuming and preemption").
+    """When checkpoints are written and kept, how runs resume and stop (README "Resuming and preemption").
 
     `resume`: "auto" continues from the newest complete checkpoint of run_dir, "never" refuses to
     start where checkpoints exist, a step number restarts from that checkpoint (newer ones are moved
     to checkpoints.rewound/, not deleted). `grace_s`: after SIGTERM/SIGINT, time allowed to finish the
-    step and write a checkpoint before the process exits anyway.
+    step and write a checkpoint before the process exits anyway. `verify`: fingerprint every array at
+    save and check it at restore (catches silent corruption; milliseconds on accelerators, ~1 s/GB on CPU).
     """
 
     every_steps: int = 200
@@ -239,6 +243,7 @@ class CheckpointConfig:
     resume: str = "auto"
     on_save_error: Literal["continue", "stop"] = "stop"
     grace_s: float = 25.0
+    verify: bool = True
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")

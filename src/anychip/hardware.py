@@ -129,13 +129,16 @@ def _apply(chip: Chip, entry: dict[str, Any], where: str, date: str, origin: str
         elif name == "device_kinds":
             changes[name] = _kinds(value, f"{where}.{name}")
         elif name == "training":
-            changes[name] = bool(value)
+            if not isinstance(value, bool):
+                raise UserError(f"{where}.training: expected true or false, got {value!r}")
+            changes[name] = value
         elif name == "attention" and value not in ("flash", "xla"):
             raise UserError(f"{where}.attention: expected 'flash' or 'xla', got {value!r}")
         else:
             changes[name] = str(value)
-    if changes.get("domain", chip.domain) in (None, 0):
-        raise UserError(f"{where}.domain: must be a positive integer")
+    domain = changes.get("domain", chip.domain)
+    if not isinstance(domain, int) or domain < 1:
+        raise UserError(f"{where}.domain: must be a positive integer, got {domain!r}")
     return replace(chip, sources=sources, **changes)
 
 

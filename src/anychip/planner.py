@@ -159,9 +159,8 @@ def local_params(cfg: ModelConfig, fsdp: int, tensor: int) -> float:
     """Parameters held per chip under sharding.PARAM_RULES (non-dividing axes stay replicated)."""
     sizes = {"fsdp": fsdp, "tensor": tensor}
     total = 0.0
-    leaves = [jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple)) for tree in (param_axes(cfg),
-                                                                                     param_shapes(cfg))]
-    for axes, shape in zip(*leaves):
+    trees = (param_axes(cfg), param_shapes(cfg))
+    for axes, shape in zip(*(jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, tuple)) for t in trees)):
         n = float(math.prod(shape))
         for name, dim in zip(axes, shape):
             size = sizes.get(PARAM_RULES.get(name) or "", 1)
@@ -359,10 +358,12 @@ def _meet_deadline(job: Job, chip: Chip, deadline_s: float, calibrated: dict[str
                    remats: Sequence[str]) -> PlanRow:
     """The smallest sensible chip count whose best layout finishes within the deadline."""
     s, _, _ = _sustained(chip, calibrated)
+    if s is None:
+        return best_layout(job, chip, 0, calibrated, remats)  # the "no peak FLOP/s" row
     total_flops = flops_per_token(job.cfg, job.seq_len) * job.tokens
     fastest: PlanRow | None = None
     for n in _counts(chip):
-        if s is None or n > job.batch * chip.domain or total_flops / (n * s) > deadline_s:
+        if n > job.batch * chip.domain or total_flops / (n * s) > deadline_s:
             continue  # even perfect scaling misses the deadline (or the batch cannot be split)
         row = best_layout(job, chip, n, calibrated, remats)
         if row.layout and row.wall_s <= deadline_s:
@@ -403,6 +404,8 @@ def plan(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Seque
     """The best layout per chip, at `num_chips` or at the fewest chips meeting `deadline`, by cost."""
     job, catalog, calibrated = _setup(model, tokens, seq_len, batch_size, prices, calibration, catalog)
     selected = _chips(chips, catalog)
+    if not remats or set(remats) - set(REMATS):
+        raise UserError(f"remat must be among {', '.join(REMATS)}, got {', '.join(remats) or 'nothing'}")
     if (num_chips is None) == (deadline is None):
         raise UserError("give exactly one of --num-chips N or --deadline (e.g. 30d)")
     if num_chips is not None:
@@ -410,7 +413,7 @@ def plan(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Seque
             raise UserError(f"--num-chips must be positive, got {num_chips}")
         rows = [best_layout(job, c, num_chips, calibrated, remats) for c in selected]
     else:
-        secs = deadline if isinstance(deadline, (int, float)) else parse_duration(deadline)
+        secs = parse_duration(deadline)
         rows = [_meet_deadline(job, c, secs, calibrated, remats) for c in selected]
         if not any(r.layout for r in rows):
             raise UserError(f"no chip can train {job.tokens:.3g} tokens within {secs / 86400:.3g} days: "

@@ -138,11 +138,11 @@ def has_static_trip_count(cond: list[str]) -> bool:
 
 
 NEURON_PATTERNS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"stablehlo\.(case|if)\b"), "lax.cond / lax.switch (stablehlo.case): JAX on Neuron does not "
-                                             "support it; use jnp.where or lax.select"),
+    (re.compile(r"stablehlo\.(case|if)\b"), ("lax.cond / lax.switch (stablehlo.case): JAX on Neuron does not "
+                                              "support it; use jnp.where or lax.select")),
     (re.compile(r"stablehlo\.(send|recv)\b"), "host transfers (stablehlo.send/recv: a host callback)"),
-    (re.compile(r"@threefry2x32\b"), "threefry RNG inside the step: 'not completely supported' on Neuron; "
-                                     "set jax_default_prng_impl=rbg"),
+    (re.compile(r"@threefry2x32\b"), ("threefry RNG inside the step: 'not completely supported' on Neuron; "
+                                      "set jax_default_prng_impl=rbg")),
     (re.compile(r"stablehlo\.rng\b"), "stablehlo.rng (legacy RNG op): use jax.random with the rbg PRNG"),
     (re.compile(r"stablehlo\.reduce_precision\b"), "lax.reduce_precision: not supported on Neuron"),
     (re.compile(r"\bcomplex<"), "complex numbers: not a Neuron data type"),
@@ -163,7 +163,7 @@ def neuron_findings(text: str, platform: str = "neuron") -> list[Finding]:
 
 
 def _sort_regions(text: str) -> str:
-    return "\n".join(re.findall(r"stablehlo\.sort.*?stablehlo\.return", text, flags=re.S))
+    return "\n".join(re.findall(r"stablehlo\.sort.*?stablehlo\.return", text, flags=re.DOTALL))
 
 
 # ---------------------------------------------------------------------------------------------

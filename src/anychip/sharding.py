@@ -211,24 +211,27 @@ def with_activation_sharding(fn: Callable, mesh: AnyMesh) -> Callable:
 # Batches across processes
 
 
-def data_shard(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+def data_shard(mesh: Mesh, global_rows: int, devices: set | None = None) -> tuple[int, int]:
     """(index, count): this process needs rows [index·B/count, (index+1)·B/count) of each global batch.
 
     That is (process_index, process_count) whenever the batch axes split evenly across processes,
-    and e.g. (0, 1) where a process's devices together hold every row (tensor axis spanning hosts).
-    Pass it to TokenDataset.batch as its process_index / process_count.
+    and e.g. (0, 1) where a process's devices together hold every row (a tensor axis spanning
+    processes: one process per GPU with mesh.tensor=8). Pass it to TokenDataset.batch as its
+    process_index / process_count. `devices`: this process's devices (tests pass others).
     """
-    shape = (global_rows, 1)
+    if devices is None:
+        devices = {d for d in mesh.devices.flat if d.process_index == jax.process_index()}
+    indices = batch_sharding(mesh).devices_indices_map((global_rows, 1))
     spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
-                    for s in batch_sharding(mesh).addressable_devices_indices_map(shape).values()})
+                    for d, s in indices.items() if d in devices})
     lo, hi = spans[0][0], max(stop for _, stop in spans)
     covered = np.zeros(global_rows, bool)
     for start, stop in spans:
         covered[start:stop] = True
     n = hi - lo
     if not covered[lo:hi].all() or global_rows % n or lo % n:
-        raise UserError(f"this process's devices hold rows {spans} of the batch, not one contiguous "
-                        f"block; put the tensor axis inside a host (mesh.tensor <= local devices)")
+        raise UserError(f"this process's devices hold rows {spans} of the batch, not one contiguous block: "
+                        "the device order interleaves processes along mesh data×fsdp; try other mesh sizes")
     return lo // n, global_rows // n
 
 

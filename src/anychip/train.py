@@ -268,7 +268,8 @@ def _run_tokenizer(run_dir: Path, ckpt: checkpoint.Checkpointer, step: int) -> A
 def open_checkpointer(cfg: Config, log: Callable[[str], None] = print) -> checkpoint.Checkpointer:
     c = cfg.checkpoint
     return checkpoint.Checkpointer(Path(cfg.run_dir) / "checkpoints", keep=c.keep, keep_every=c.keep_every,
-                                   async_save=c.async_save, on_save_error=c.on_save_error, log=log)
+                                   async_save=c.async_save, on_save_error=c.on_save_error, verify=c.verify,
+                                   log=log)
 
 
 def resume_step(cfg: Config, ckpt: checkpoint.Checkpointer) -> int | None:
@@ -446,6 +447,9 @@ class StepLogger:
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.bad_steps: list[int] = []  # the current run of consecutive skipped (non-finite) steps
+        # The cost ledger counts this process's wall time from the first step on all chips in use.
+        self.t_start, self.start_step = time.perf_counter(), start
+        self.n_chips = hardware.chips_in_use(chip, jax.device_count())
 
     def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Record that `step` was dispatched; log the previously pushed step if it is due."""
@@ -470,6 +474,12 @@ class StepLogger:
         self.pending, self.bad_steps = None, []
         self.last_time, self.last_step = time.perf_counter(), step
 
+    def ledger(self, now: float, step: int) -> dict[str, Any]:
+        """chip-hours, $ and $ per million tokens since this process started training."""
+        tokens = (step - self.start_step) * self.tokens_per_step
+        return hardware.cost_summary(self.chip, self.n_chips, now - self.t_start, tokens,
+                                     self.cfg.train.price_per_hour)
+
     def _take(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
         # Every step's flag, not only logged steps': the step is finished, so reading it costs no wait.
         skipped = "skipped" in metrics and float(metrics["skipped"]) > 0
@@ -485,8 +495,9 @@ class StepLogger:
         now = time.perf_counter()
         record["tokens"] = step * self.tokens_per_step
         record["tokens_per_s"] = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_bf16_flops,
+        record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_flops_per_device,
                             jax.device_count())
+        record |= self.ledger(now, step)
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = record["loss"]
         self.writer.write(record)
@@ -733,4 +744,5 @@ def train(cfg: Config, log: Callable[[str], None] = print,
         ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
     return {"run_dir": str(run_dir), "steps": int(state.step), "n_params": n_params, "params": state.params,
             "initial_eval_loss": initial["eval_loss"] if initial else None, "first_loss": logger.first_loss,
-            "final_loss": logger.last_loss, **final}
+            "final_loss": logger.last_loss, "ledger": logger.ledger(time.perf_counter(), int(state.step)),
+            **final}
