@@ -136,3 +136,25 @@ def test_qk_norm_and_untied_head_change_the_parameter_tree():
     assert shapes["layers"]["q_norm"] == (cfg.n_layers, cfg.head_dim)
     assert shapes["lm_head"] == (cfg.d_model, cfg.vocab_size)
     assert "lm_head" not in param_shapes(ModelConfig())
+
+
+def test_portable_attention_matches_jax_reference(key):
+    # jax.nn.dot_product_attention(implementation="xla") is JAX's own GQA reference; the cuDNN kernel
+    # behind the same function is checked against it on GPU (benchmarks/RESULTS.md), not here.
+    B, T, H, KV, hd = 2, 33, 8, 2, 16
+    q = jax.random.normal(key, (B, T, H, hd))
+    k, v = (jax.random.normal(k_, (B, T, KV, hd)) for k_ in jax.random.split(jax.random.key(7), 2))
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(xla_attention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_portable_path(key):
+    from anychip.kernels.attention import cudnn_attention
+
+    B, T, H, KV, hd = 2, 256, 8, 2, 64
+    q = jax.random.normal(key, (B, T, H, hd), jnp.bfloat16)
+    k, v = (jax.random.normal(k_, (B, T, KV, hd), jnp.bfloat16) for k_ in jax.random.split(jax.random.key(7), 2))
+    # bf16 inputs: both paths accumulate in fp32 but round probabilities differently; 2e-2 is ~3 bf16 ulps at 1.
+    np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v), np.float32),
+                               np.asarray(xla_attention(q, k, v), np.float32), atol=2e-2)

@@ -1,10 +1,11 @@
 """Checkpoints through orbax-checkpoint: asynchronous, atomic, verified, kept by a retention policy.
 
-A checkpoint is a step directory RUN_DIR/checkpoints/<step>/ with three items:
-    state/      params, optimizer state and step (orbax StandardSave: OCDBT files, one write per shard)
-    meta/       JSON: config, data seed and position, anychip version, tokenizer and data-manifest sha256,
-                length of metrics.jsonl, and every array's shape, dtype and fingerprint
-    tokenizer/  the tokenizer.json itself, so a checkpoint is usable without its run directory
+A checkpoint is a step directory RUN_DIR/checkpoints/<step>/ with these items:
+    state/         params, optimizer state and step (orbax StandardSave: OCDBT files, one write per shard)
+    meta/          JSON: config, data seed and position, anychip version, tokenizer and data-manifest
+                   sha256, length of metrics.jsonl, and every array's name, shape and dtype
+    tokenizer/     the tokenizer.json itself, so a checkpoint is usable without its run directory
+    fingerprints/  (n_arrays, 2) uint32: a hash of every array's bits, in the order of meta's arrays
 
 Complete or invisible: orbax writes into <step>.orbax-checkpoint-tmp, writes commit_success.txt last,
 then renames the directory. Only renamed directories count as checkpoints, and temporary directories
@@ -12,7 +13,9 @@ left by a process killed mid-save are deleted when the next Checkpointer opens t
 
 Verified: tensorstore notices a truncated file but not a flipped byte inside a data chunk (that
 restores as a wrong number, tried), so every array's fingerprint is stored at save time and checked
-after restore. A restore that fails either way falls back to the previous complete checkpoint.
+after restore. A restore that fails either way falls back to the previous complete checkpoint. The
+fingerprints are computed on the devices and saved as an array item, not in the JSON, so that save()
+does not wait for them: orbax writes them in the background once they are ready.
 
 Restore takes an abstract state whose leaves carry the *current* mesh's shardings, so arrays land
 where this run wants them whatever the device count of the run that saved them.
@@ -30,13 +33,14 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax import lax
 from orbax.checkpoint import checkpoint_managers as policies
 
 from anychip.errors import UserError
 
-ITEMS = ("state", "meta", "tokenizer")
+ITEMS = ("state", "meta", "tokenizer", "fingerprints")
 # Test-only fault-injection hook: seconds to sleep after a save's files are written and before the
 # directory is renamed, so that a test's SIGKILL lands inside the save. Unset in normal use.
 COMMIT_DELAY_ENV = "ANYCHIP_TEST_COMMIT_DELAY_S"
@@ -106,8 +110,10 @@ class Checkpointer:
         Returns False if it could not be started (or the previous save failed) under "continue".
         """
         ok = self._finish_pending()
-        meta = {**meta, "step": step, "arrays": describe_arrays(state, fingerprints=self.verify)}
+        meta = {**meta, "step": step, "arrays": describe_arrays(state)}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if self.verify:  # dispatched, not waited for: the device computes while orbax starts writing
+            items["fingerprints"] = ocp.args.StandardSave({"uint32": fingerprint_array(state)})
         if tokenizer is not None:
             items["tokenizer"] = ocp.args.JsonSave(tokenizer)
         try:
@@ -159,8 +165,11 @@ class Checkpointer:
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )["state"]
-        if self.verify and "arrays" in meta:
-            verify(restored, meta["arrays"], f"{self.directory}/{step}")
+        if self.verify and (self.directory / str(step) / "fingerprints").is_dir():
+            target = {"uint32": _replicated_like(abstract_state, len(meta["arrays"]))}
+            args = ocp.args.Composite(fingerprints=ocp.args.StandardRestore(target))
+            saved = self._manager.restore(step, args=args)["fingerprints"]["uint32"]
+            verify(restored, list(meta["arrays"]), jax.device_get(saved), f"{self.directory}/{step}")
         return restored, meta
 
     def restore_newest(self, abstract_state: Any, max_step: int | None = None
@@ -243,7 +252,7 @@ def _fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-_fingerprints = jax.jit(lambda leaves: [_fingerprint(x) for x in leaves])
+_fingerprints = jax.jit(lambda leaves: jnp.stack([jnp.stack(_fingerprint(x)) for x in leaves]))  # (n, 2)
 
 
 def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
@@ -251,15 +260,22 @@ def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(path, simple=True, separator="."), leaf) for path, leaf in flat]
 
 
-def describe_arrays(tree: Any, fingerprints: bool = True) -> dict[str, dict[str, Any]]:
-    """{name: {shape, dtype[, fingerprint]}} for every array of `tree` (one device computation)."""
-    named = _named_leaves(tree)
-    info = {name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for name, leaf in named}
-    if fingerprints:
-        sums = jax.device_get(_fingerprints([leaf for _, leaf in named]))
-        for (name, _), (a, b) in zip(named, sums):
-            info[name]["fingerprint"] = (int(a) << 32) | int(b)
-    return info
+def describe_arrays(tree: Any) -> dict[str, dict[str, Any]]:
+    """{name: {shape, dtype}} for every array of `tree`, in the order of `fingerprint_array`."""
+    return {name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for name, leaf in _named_leaves(tree)}
+
+
+def fingerprint_array(tree: Any) -> jax.Array:
+    """(n_arrays, 2) uint32 fingerprints of `tree`'s arrays, computed on their devices (asynchronously)."""
+    return _fingerprints(jax.tree.leaves(tree))
+
+
+def _replicated_like(abstract_state: Any, n: int) -> jax.ShapeDtypeStruct:
+    """Where to restore the fingerprints: replicated over the mesh of the state being restored."""
+    sharding = next(x.sharding for x in jax.tree.leaves(abstract_state) if x is not None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct((n, 2), jnp.uint32, sharding=sharding)
 
 
 def check_compatible(abstract_state: Any, saved: dict[str, dict[str, Any]] | None, where: str) -> None:
@@ -277,9 +293,13 @@ def check_compatible(abstract_state: Any, saved: dict[str, dict[str, Any]] | Non
                             "model settings or start a new run_dir")
 
 
-def verify(state: Any, saved: dict[str, dict[str, Any]], where: str) -> None:
-    for name, info in describe_arrays(state).items():
-        if "fingerprint" in saved.get(name, {}) and info["fingerprint"] != saved[name]["fingerprint"]:
+def verify(state: Any, saved_names: list[str], saved: np.ndarray, where: str) -> None:
+    """Compare the restored arrays' fingerprints with those saved (rows in `saved_names` order)."""
+    row = {name: i for i, name in enumerate(saved_names)}
+    named = _named_leaves(state)
+    got = jax.device_get(fingerprint_array([leaf for _, leaf in named]))
+    for (name, _), fingerprint in zip(named, got):
+        if name in row and not np.array_equal(fingerprint, saved[row[name]]):
             raise CorruptCheckpoint(f"array '{name}' in {where} does not match the fingerprint saved with it")
 
 

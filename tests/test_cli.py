@@ -1,0 +1,43 @@
+"""The catalog and planner commands as a user runs them (library behaviour is in test_hardware/test_planner)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def anychip(*args):
+    return subprocess.run([sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_hardware_table_lists_the_catalog():
+    r = anychip("hardware")
+    assert r.returncode == 0, r.stderr
+    for key in ("h100", "trn2", "tpu-v5p", "tpu-v6e", "mi300x", "inf2"):
+        assert f" {key} " in r.stdout
+    assert "[no training]" in r.stdout  # Inferentia2 is inference-only
+
+
+def test_plan_prints_one_row_per_chip_sorted_by_cost(tmp_path):
+    r = anychip("plan", "--model", "afm-3b", "--tokens", "6.3T", "--seq-len", "4096", "--chips", "h100,trn2",
+                "--num-chips", "256", "--plot", str(tmp_path / "p.png"))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("h100", "trn2"))]
+    assert sorted(row[0] for row in rows) == ["h100", "trn2"]
+    costs = [float(next(x for x in row if x.startswith("$")).strip("$").replace(",", "")) for row in rows]
+    assert costs == sorted(costs)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--chips", "h10", "--num-chips", "8"], "h100"),
+    (["--tokens", "0", "--num-chips", "8"], "tokens must be a positive count"),
+    (["--deadline", "1s"], "deadline"),
+])
+def test_plan_errors_are_one_line(args, fragment):
+    base = {"--model": "afm-3b", "--tokens": "6.3T", "--chips": "h100"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    r = anychip("plan", *[x for kv in base.items() for x in kv])
+    assert r.returncode == 2
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
