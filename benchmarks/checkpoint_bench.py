@@ -8,11 +8,12 @@ AdamW's two moments: 3x the bytes). Every array is filled with random numbers: z
 optimizer state) would compress and flatter the numbers. Reported per repeat:
 
     stall_s    time until Checkpointer.save() returns: the training loop is blocked that long
-               (orbax's synchronous part; on accelerators the device-to-host copy)
+               (orbax's synchronous part, which waits for the fingerprints; on accelerators also
+               the device-to-host copy)
     save_s     time until the checkpoint is committed (save() + background write + rename)
     restore_s  time to restore onto the devices, fingerprints verified
-    fingerprint_s  the fingerprint computation alone: in the background at save (it competes with
-                   the write for the CPU here), part of restore_s; off with --no-verify
+    fingerprint_s  the fingerprint computation alone (part of stall_s and restore_s; --no-verify,
+                   i.e. checkpoint.verify=false, skips it)
 
 Restores read through the page cache unless it can be dropped (needs root and a writable
 /proc/sys/vm/drop_caches); the output says which.

@@ -37,7 +37,7 @@ def test_saved_config_loads_back_identically(tmp_path):
     (["model=351m"], "did you mean '350m'"),
     (["optim.lr=-1"], "optim.lr must be positive"),
     (["model.n_heads=7"], "does not divide model.d_model"),
-    (["model.n_kv_heads=3"], "does not divide model.n_heads"),
+    (["model.n_kv_heads=4"], "does not divide model.n_heads"),
     (["train.seq_len=4096"], "exceeds model.max_seq_len"),
     (["train.steps=ten"], "expected an integer"),
     (["optim.schedule=linear"], "not one of"),

@@ -83,7 +83,7 @@ def test_cli_prepare_train_eval_generate_report(tmp_path):
     (["train", "train.stesp=3"], "did you mean 'train.steps'"),
     (["train", "optim.lr=-0.1"], "optim.lr must be positive"),
     (["train", "model.n_heads=5"], "does not divide model.d_model"),
-    (["train", "model.n_kv_heads=3"], "does not divide model.n_heads"),
+    (["train", "model.n_kv_heads=4"], "does not divide model.n_heads"),
     (["train", "train.seq_len=2048"], "exceeds model.max_seq_len"),
     (["train", "model=tiny", "data.path=DATA"], "has 512 tokens but model.vocab_size is 300"),
     (["train", "missing.yaml"], "config file not found"),

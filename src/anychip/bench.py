@@ -25,7 +25,7 @@ from anychip.train import build_trainer
 
 def peak_memory_bytes() -> int | None:
     """Peak bytes in use on device 0 since start, where the backend reports it (GPU, TPU; not CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 

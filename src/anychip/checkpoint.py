@@ -14,8 +14,9 @@ left by a process killed mid-save are deleted when the next Checkpointer opens t
 Verified: tensorstore notices a truncated file but not a flipped byte inside a data chunk (that
 restores as a wrong number, tried), so every array's fingerprint is stored at save time and checked
 after restore. A restore that fails either way falls back to the previous complete checkpoint. The
-fingerprints are computed on the devices and saved as an array item, not in the JSON, so that save()
-does not wait for them: orbax writes them in the background once they are ready.
+fingerprints are computed on the devices and saved as one more array; save() waits for them (orbax
+syncs on every array it is given), which costs milliseconds on accelerators but ~2 s per GB on
+XLA:CPU, whose integer reductions are slow: `verify=False` skips them.
 
 Restore takes an abstract state whose leaves carry the *current* mesh's shardings, so arrays land
 where this run wants them whatever the device count of the run that saved them.
@@ -81,8 +82,8 @@ class Checkpointer:
     keep: the newest `keep` complete checkpoints survive (None: all); keep_every: so does every
     checkpoint whose step is a multiple of it. on_save_error: "stop" raises CheckpointSaveError,
     "continue" logs a warning and goes on; either way the earlier checkpoints are untouched.
-    verify: fingerprint the arrays at save and check them at restore. On accelerators that costs
-    milliseconds; XLA:CPU runs the integer reductions at only ~1-2 GB/s (benchmarks/checkpoint_bench.py).
+    verify: fingerprint the arrays at save and check them at restore (see the module docstring for
+    the cost, and benchmarks/checkpoint_bench.py).
     """
 
     def __init__(self, directory: str | Path, *, keep: int | None = 3, keep_every: int = 0,
@@ -112,7 +113,7 @@ class Checkpointer:
         ok = self._finish_pending()
         meta = {**meta, "step": step, "arrays": describe_arrays(state)}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if self.verify:  # dispatched, not waited for: the device computes while orbax starts writing
+        if self.verify:
             items["fingerprints"] = ocp.args.StandardSave({"uint32": fingerprint_array(state)})
         if tokenizer is not None:
             items["tokenizer"] = ocp.args.JsonSave(tokenizer)

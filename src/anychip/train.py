@@ -242,7 +242,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Config, Any,
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    # The saved mesh may not fit this machine's devices; eval and generation need no particular layout.
+    cfg = replace(load_config(run_dir / "config.yaml"), mesh={"data": 1, "fsdp": -1, "tensor": 1})
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", async_save=False)
     if not ckpt.all_steps():
         raise UserError(f"{run_dir} has no checkpoint")
