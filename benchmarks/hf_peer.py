@@ -8,11 +8,11 @@ CPU), torch.compile. Prints one JSON record on stdout. Used by benchmarks/throug
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
+from shape_args import shape_parser
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from anychip.config import MODEL_PRESETS
@@ -30,11 +30,7 @@ def llama_config(name: str) -> LlamaConfig:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser = shape_parser(__doc__)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()

@@ -9,12 +9,13 @@ both and the ratio. MFU uses the same FLOPs-per-token formula (anychip.metrics) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from shape_args import shape_parser
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,11 +26,7 @@ def run_json(cmd: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser = shape_parser(__doc__)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra anychip overrides, e.g. train.remat=dots")
     args = parser.parse_args()

@@ -10,7 +10,13 @@ import pytest
 from anychip.config import MODEL_PRESETS, ModelConfig
 from anychip.kernels.attention import xla_attention
 from anychip.model import (
-    apply_rope, count_params, cross_entropy, forward, init_params, param_shapes, rope_tables,
+    apply_rope,
+    count_params,
+    cross_entropy,
+    forward,
+    init_params,
+    param_shapes,
+    rope_tables,
 )
 
 TINY = MODEL_PRESETS["tiny"]

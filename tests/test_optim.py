@@ -1,5 +1,7 @@
 """The optimizer's schedule shapes and weight-decay mask."""
 
+import itertools
+
 import jax.numpy as jnp
 import optax
 import pytest
@@ -15,7 +17,7 @@ def test_warmup_then_decay_to_the_floor(schedule):
     # Warmup is linear from lr/warmup at step 0 to lr at step `warmup` (fp32: 1e-6 absolute).
     assert lr[0] == pytest.approx(0.1, abs=1e-6) and lr[5] == pytest.approx(0.55, abs=1e-6)
     assert lr[10] == pytest.approx(1.0, abs=1e-6)
-    assert all(a <= b + 1e-9 for a, b in zip(lr[:10], lr[1:11]))  # warmup rises
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(lr[:11]))  # warmup rises
     end = {"cosine": 0.1, "wsd": 0.1, "constant": 1.0}[schedule]
     assert lr[110] == pytest.approx(end, abs=1e-6)
     if schedule == "wsd":  # stable until the last 25% of the 100 post-warmup steps, then linear

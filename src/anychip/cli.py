@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from anychip.errors import UserError
 

@@ -53,7 +53,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, tensorboard: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the writer, closed in close()
         self._tb = None
         if tensorboard:
             try:

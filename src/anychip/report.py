@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: CI and servers have no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from anychip.errors import UserError  # noqa: E402
-from anychip.metrics import read_metrics  # noqa: E402
+from anychip.errors import UserError
+from anychip.metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
