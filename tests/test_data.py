@@ -386,6 +386,7 @@ def fake_stdlib(root: Path) -> None:
         "unittest/test/test_case.py": "excluded nested test suite\n",
         "lib2to3/tests/data.py": "excluded tests\n",
         "idlelib/editor.py": "excluded IDLE\n",
+        "encodings/cp1252.py": "excluded charmap table\n",
         "site-packages/numpy/core.py": "excluded installed package\n",
         ".hidden/secret.py": "excluded hidden\n",
         "README.txt": "not python\n",

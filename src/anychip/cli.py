@@ -54,8 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(os.path.join(summary["run_dir"], "tokenizer.json"))
         text = generate_text(summary["params"], cfg.model, tokenizer, args.sample_prompt,
-                             max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=0)
-        print(f"--- sample (temperature 0.8, top-k 40) ---\n{text}\n---")
+                             max_new_tokens=cfg.train.sample_tokens, temperature=0.7, top_k=40, seed=0)
+        print(f"--- sample (temperature 0.7, top-k 40) ---\n{text}\n---")
     return 0
 
 

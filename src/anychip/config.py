@@ -142,7 +142,7 @@ class OptimConfig:
 class TrainConfig:
     """The loop: batch geometry, precision, logging, evaluation and checkpoint cadence."""
 
-    steps: int = 360
+    steps: int = 300
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1

@@ -45,7 +45,9 @@ SPLITS = ("train", "val")
 # objects (~100 bytes per token, with their token strings) stay small.
 CHUNK_CHARS = 4_000_000
 PROGRESS_EVERY_S = 10.0
-BUILTIN_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
+# `encodings` is left out too: its charmap tables ("LATIN SMALL LETTER O WITH TILDE" × thousands)
+# are a tenth of the corpus, easy to memorise, and would dominate a small model's samples.
+BUILTIN_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "encodings"})
 
 
 def _require(ok: bool, message: str) -> None:
