@@ -50,7 +50,8 @@ def reporter(dump_at: tuple[int, str] | None) -> Any:
 def main(argv: list[str]) -> int:
     from anychip.config import load_config
     from anychip.errors import UserError
-    from anychip.train import Preempted, train
+    from anychip.preemption import Preempted
+    from anychip.train import train
 
     options: dict[str, tuple[int, str]] = {}
     while argv[:1] in (["--dump-restored"], ["--dump-at"]):

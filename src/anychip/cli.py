@@ -25,7 +25,8 @@ def load_config_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from anychip.generate import generate_text
-    from anychip.train import Preempted, train
+    from anychip.preemption import Preempted
+    from anychip.train import train
 
     t0 = time.perf_counter()
     cfg = load_config_args(args)

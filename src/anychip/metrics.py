@@ -15,10 +15,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from anychip.config import ModelConfig
+import jax
+
+from anychip import hardware, sharding
+from anychip.config import Config, ModelConfig
 from anychip.model import count_params
 
 
@@ -103,3 +107,93 @@ class Progress:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
         parts.append(f"eta {format_duration(eta)}")
         print(" | ".join(parts), file=self.stream, flush=True)
+
+
+class Discard:
+    """The metrics writer and progress stream of processes other than 0: the same calls, nothing written."""
+
+    def write(self, *_args: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StepLogger:
+    """Turns step metrics into metrics.jsonl rows and progress lines, one step late.
+
+    `jax` dispatches a step asynchronously; reading its metrics forces a host-device sync. Reading
+    step s-1's metrics right after dispatching step s costs nothing: step s-1 is already done.
+    """
+
+    def __init__(self, cfg: Config, writer: MetricsWriter, start: int, chip: hardware.Chip,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.writer, self.chip, self.log = cfg, writer, chip, log
+        stream = sys.stderr if sharding.is_main_process() else Discard()
+        self.progress = Progress(cfg.train.steps, start, stream=stream)
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.pending: tuple[int, dict[str, jax.Array]] | None = None
+        self.last_time, self.last_step = time.perf_counter(), start
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.bad_steps: list[int] = []  # the current run of consecutive skipped (non-finite) steps
+        # The cost ledger counts this process's wall time from the first step on all chips in use.
+        self.t_start, self.start_step = time.perf_counter(), start
+        self.n_chips = hardware.chips_in_use(chip, jax.device_count())
+
+    def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Record that `step` was dispatched; log the previously pushed step if it is due."""
+        if self.pending is not None:
+            self._take(*self.pending)
+        self.pending = (step, metrics)
+
+    def drain(self) -> None:
+        """Take the pending step now (logged only if due, as it would be later): before a checkpoint, so
+        metrics.jsonl holds exactly the rows up to it, whenever the checkpoint is taken."""
+        if self.pending is not None:
+            self._take(*self.pending)
+        self.pending = None
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._take(*self.pending, force=True)
+        self.pending = None
+
+    def reset(self, step: int) -> None:
+        """Forget the pending step and the bad run: the loop went back to checkpoint `step`."""
+        self.pending, self.bad_steps = None, []
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def ledger(self, now: float, step: int) -> dict[str, Any]:
+        """chip-hours, $ and $ per million tokens since this process started training."""
+        tokens = (step - self.start_step) * self.tokens_per_step
+        return hardware.cost_summary(self.chip, self.n_chips, now - self.t_start, tokens,
+                                     self.cfg.train.price_per_hour)
+
+    def _take(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
+        # Every step's flag, not only logged steps': the step is finished, so reading it costs no wait.
+        skipped = "skipped" in metrics and float(metrics["skipped"]) > 0
+        self.bad_steps = [*self.bad_steps, step] if skipped else []
+        if skipped:
+            self.log(f"warning: step {step}: the loss or a gradient is not finite; update skipped")
+        self._log(step, metrics, force or skipped)
+
+    def _log(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
+        if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step + 1 == 1):
+            return
+        record: dict[str, Any] = {"step": step, **{k: float(v) for k, v in metrics.items()}}  # waits for step
+        now = time.perf_counter()
+        record["tokens"] = step * self.tokens_per_step
+        record["tokens_per_s"] = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_flops_per_device,
+                            jax.device_count())
+        record |= self.ledger(now, step)
+        self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = record["loss"]
+        self.writer.write(record)
+        self.progress.update(record)
+        self.last_time, self.last_step = now, step

@@ -13,9 +13,7 @@ import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,18 +26,18 @@ import optax
 from jax.sharding import Mesh
 
 from anychip import __version__, checkpoint, hardware, memory, sharding
-from anychip.config import CheckpointConfig, Config, load_config, replace, save_config, to_dict
+from anychip.config import Config, load_config, replace, save_config, to_dict
 from anychip.data import TokenDataset, builtin_corpus
 from anychip.errors import UserError
 from anychip.kernels.attention import resolve as resolve_attention
-from anychip.metrics import MetricsWriter, Progress, flops_per_token, mfu
+from anychip.metrics import Discard, MetricsWriter, StepLogger
 from anychip.model import cross_entropy, forward, init_params, param_axes, param_shapes
 from anychip.optim import learning_rate_schedule, make_optimizer
+from anychip.preemption import PREEMPTED_EXIT_CODE, Preempted, SaveSchedule, StopSignals
 from anychip.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # sysexits EX_TEMPFAIL ("try again"): stopped by SIGTERM/SIGINT after writing a checkpoint; rerun to resume.
-PREEMPTED_EXIT_CODE = 75
 MAX_NONFINITE_RESTORES = 3  # per process: a run that keeps diverging after this many restores stops
 
 
@@ -417,179 +415,8 @@ def compile_step(trainer: Trainer, state: TrainState, batch: jax.Array,
     return compiled
 
 
-class _Discard:
-    """The metrics writer and progress stream of processes other than 0: the same calls, nothing written."""
-
-    def write(self, *_args: Any) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class StepLogger:
-    """Turns step metrics into metrics.jsonl rows and progress lines, one step late.
-
-    `jax` dispatches a step asynchronously; reading its metrics forces a host-device sync. Reading
-    step s-1's metrics right after dispatching step s costs nothing: step s-1 is already done.
-    """
-
-    def __init__(self, cfg: Config, writer: MetricsWriter, start: int, chip: hardware.Chip,
-                 log: Callable[[str], None] = print):
-        self.cfg, self.writer, self.chip, self.log = cfg, writer, chip, log
-        stream = sys.stderr if sharding.is_main_process() else _Discard()
-        self.progress = Progress(cfg.train.steps, start, stream=stream)
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
-        self.pending: tuple[int, dict[str, jax.Array]] | None = None
-        self.last_time, self.last_step = time.perf_counter(), start
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.bad_steps: list[int] = []  # the current run of consecutive skipped (non-finite) steps
-        # The cost ledger counts this process's wall time from the first step on all chips in use.
-        self.t_start, self.start_step = time.perf_counter(), start
-        self.n_chips = hardware.chips_in_use(chip, jax.device_count())
-
-    def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        """Record that `step` was dispatched; log the previously pushed step if it is due."""
-        if self.pending is not None:
-            self._take(*self.pending)
-        self.pending = (step, metrics)
-
-    def drain(self) -> None:
-        """Take the pending step now (logged only if due, as it would be later): before a checkpoint, so
-        metrics.jsonl holds exactly the rows up to it, whenever the checkpoint is taken."""
-        if self.pending is not None:
-            self._take(*self.pending)
-        self.pending = None
-
-    def flush(self) -> None:
-        if self.pending is not None:
-            self._take(*self.pending, force=True)
-        self.pending = None
-
-    def reset(self, step: int) -> None:
-        """Forget the pending step and the bad run: the loop went back to checkpoint `step`."""
-        self.pending, self.bad_steps = None, []
-        self.last_time, self.last_step = time.perf_counter(), step
-
-    def ledger(self, now: float, step: int) -> dict[str, Any]:
-        """chip-hours, $ and $ per million tokens since this process started training."""
-        tokens = (step - self.start_step) * self.tokens_per_step
-        return hardware.cost_summary(self.chip, self.n_chips, now - self.t_start, tokens,
-                                     self.cfg.train.price_per_hour)
-
-    def _take(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
-        # Every step's flag, not only logged steps': the step is finished, so reading it costs no wait.
-        skipped = "skipped" in metrics and float(metrics["skipped"]) > 0
-        self.bad_steps = [*self.bad_steps, step] if skipped else []
-        if skipped:
-            self.log(f"warning: step {step}: the loss or a gradient is not finite; update skipped")
-        self._log(step, metrics, force or skipped)
-
-    def _log(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
-        if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step + 1 == 1):
-            return
-        record: dict[str, Any] = {"step": step, **{k: float(v) for k, v in metrics.items()}}  # waits for step
-        now = time.perf_counter()
-        record["tokens"] = step * self.tokens_per_step
-        record["tokens_per_s"] = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_flops_per_device,
-                            jax.device_count())
-        record |= self.ledger(now, step)
-        self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
-        self.last_loss = record["loss"]
-        self.writer.write(record)
-        self.progress.update(record)
-        self.last_time, self.last_step = now, step
-
-
-class Preempted(Exception):
-    """`train` stopped on SIGTERM/SIGINT; exit_code is PREEMPTED_EXIT_CODE if its checkpoint was written."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 class NonFiniteError(UserError):
     """The loss or gradients stayed NaN/Inf for train.nonfinite_patience steps and no restore was possible."""
-
-
-def agree_any(flag: bool) -> bool:
-    """True on every process if it is True on any: processes must take the same checkpoint/stop decisions,
-    or their collectives hang. Free with one process; a tiny all-gather with several."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
-class StopSignals:
-    """SIGTERM/SIGINT ask the loop to stop after the current step and write a checkpoint.
-
-    A watchdog exits with 128+signal if that takes longer than `grace_s` (the scheduler's SIGKILL would
-    come next; this way the exit code tells). A second SIGINT kills at once: the first resets SIGINT to
-    the OS default, which acts even while the main thread is inside XLA, where a Python handler would
-    only run after the step. The handler only sets a flag: printing there could re-enter a print.
-    """
-
-    def __init__(self, grace_s: float):
-        self.grace_s = grace_s
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-        self._watchdog: threading.Timer | None = None
-
-    def __enter__(self) -> StopSignals:  # noqa: PYI034 - a plain class, not meant for subclassing
-        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            self._watchdog = threading.Timer(self.grace_s, self._expire)
-            self._watchdog.daemon = True
-            self._watchdog.start()
-
-    def _expire(self) -> None:
-        print(f"anychip: no checkpoint within checkpoint.grace_s={self.grace_s:g}s of {self.name}; exiting",
-              file=sys.stderr, flush=True)
-        os._exit(128 + (self.signum or signal.SIGTERM))
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum or signal.SIGTERM).name
-
-    def requested(self) -> bool:
-        return agree_any(self.signum is not None)
-
-
-class SaveSchedule:
-    """Checkpoint every `every_steps` steps and/or once `every_minutes` passed since the last save."""
-
-    def __init__(self, cfg: CheckpointConfig):
-        self.every_steps, self.every_s, self.last = cfg.every_steps, cfg.every_minutes * 60, time.monotonic()
-
-    def due(self, step: int) -> bool:
-        if self.every_steps and step % self.every_steps == 0:
-            return True
-        return bool(self.every_s) and agree_any(time.monotonic() - self.last >= self.every_s)
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
 
 
 class Loop:
@@ -732,7 +559,7 @@ def train(cfg: Config, log: Callable[[str], None] = print,
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | {jax.device_count()} x {chip.name} | "
         f"mesh {dict(trainer.mesh.shape)} | {t.batch_size}x{t.seq_len} tokens per step | run dir {run_dir}")
-    writer = MetricsWriter(run_dir, tensorboard=t.tensorboard) if sharding.is_main_process() else _Discard()
+    writer = MetricsWriter(run_dir, tensorboard=t.tensorboard) if sharding.is_main_process() else Discard()
     logger = StepLogger(cfg, writer, start, chip, log)
     meta = checkpoint_meta(cfg, data_dir, train_ds)
     loop = Loop(trainer, ckpt, writer, logger, (train_ds, val_ds), meta, log)
