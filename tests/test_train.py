@@ -48,7 +48,7 @@ def anychip(*args, cwd):
                           text=True, timeout=600, check=False)
 
 
-def test_cli_prepare_train_eval_generate_report(tmp_path):
+def test_cli_prepare_train_eval_generate_report(tmp_path, small_corpus):
     corpus = tmp_path / "texts"
     corpus.mkdir()
     for i in range(12):
@@ -77,6 +77,10 @@ def test_cli_prepare_train_eval_generate_report(tmp_path):
     r = anychip("report", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Continuing from this run on data tokenized differently would silently train on wrong ids.
+    r = anychip("train", *TINY_RUN, "init_from=run", f"data.path={small_corpus}", "run_dir=run2", cwd=tmp_path)
+    assert r.returncode == 2 and "another tokenizer than init_from=run" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, fragment", [

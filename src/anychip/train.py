@@ -336,6 +336,16 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def check_init_tokenizer(cfg: Config, train_ds: TokenDataset) -> None:
+    """`init_from` weights only make sense on data tokenized with the tokenizer they were trained with."""
+    if not cfg.init_from:
+        return
+    path = Path(cfg.init_from) / "tokenizer.json"
+    if path.is_file() and tokenizer_hash(load_tokenizer(path)) != train_ds.manifest["tokenizer_sha256"]:
+        raise UserError(f"{train_ds.data_dir} was tokenized with another tokenizer than init_from={cfg.init_from}; "
+                        f"prepare it with: anychip data prepare ... --tokenizer {path}")
+
+
 def start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer,
                 log: Callable[[str], None]) -> tuple[TrainState, dict[str, Any] | None]:
     """(state, its checkpoint's meta): resumed as `checkpoint.resume` says, else from `init_from` params,
@@ -549,6 +559,7 @@ def train(cfg: Config, log: Callable[[str], None] = print,
     data_dir = data_dir_for(cfg, log)
     train_ds, val_ds = open_datasets(cfg, data_dir)
     trainer, t = build_trainer(cfg), cfg.train
+    check_init_tokenizer(cfg, train_ds)
     ckpt = open_checkpointer(cfg, log)
     state, resumed = start_state(trainer, ckpt, log)  # resume=never refuses before run_dir changes
     if resumed is not None:
