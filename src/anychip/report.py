@@ -28,11 +28,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_loss.set_title(f"anychip run {run_dir.name}")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    ax_speed.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:green")
+    # Step 1's row includes one-time warm-up (first execution, allocation): it would flatten the axis.
+    speed = [r for r in train if r["step"] > 1] or train
+    ax_speed.plot([r["step"] for r in speed], [r["tokens_per_s"] for r in speed], color="tab:green")
     ax_speed.set_ylabel("tokens / s", color="tab:green")
+    ax_speed.set_ylim(bottom=0)  # from zero, so noise does not look like a trend
     ax_speed.set_xlabel("step")
     ax_speed.grid(alpha=0.3)
-    mfus = [(r["step"], 100 * r["mfu"]) for r in train if r.get("mfu") is not None]
+    mfus = [(r["step"], 100 * r["mfu"]) for r in speed if r.get("mfu") is not None]
     if mfus:
         ax_mfu = ax_speed.twinx()
         ax_mfu.plot(*zip(*mfus), color="tab:purple", ls="--")
