@@ -48,3 +48,13 @@ def test_bad_values_are_one_line_user_errors(overrides, fragment):
     with pytest.raises(UserError) as err:
         load_config(None, overrides)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shipped_example_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.train.seq_len <= cfg.model.max_seq_len
