@@ -102,3 +102,14 @@ def test_user_errors_exit_2_with_one_line(args, fragment, tmp_path, small_corpus
     assert r.returncode == 2
     assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()  # failed before writing anything
+
+
+def test_tensorboard_events_mirror_the_metrics(small_corpus, tmp_path):
+    cfg = load_config(None, [*TINY_RUN, f"data.path={small_corpus}", f"run_dir={tmp_path / 'run'}",
+                             "train.steps=3", "train.log_every=1", "train.tensorboard=true"])
+    train(cfg, log=lambda _: None)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    data = events[0].read_bytes()
+    for tag in (b"loss", b"grad_norm", b"tokens_per_s", b"eval_loss"):  # scalar tags are stored verbatim
+        assert tag in data
