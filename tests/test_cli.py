@@ -42,3 +42,21 @@ def test_plan_errors_are_one_line(args, fragment):
     r = anychip("plan", *[x for kv in base.items() for x in kv])
     assert r.returncode == 2
     assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_writes_a_record_the_planner_can_calibrate_from(tmp_path):
+    import json
+    import math
+
+    from anychip.planner import load_records
+
+    path = tmp_path / "bench.json"
+    r = anychip("bench", "model=tiny", "train.batch_size=4", "train.seq_len=32", "--steps", "2", "--warmup", "1",
+                "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    record = json.loads(path.read_text())
+    assert record["tokens_per_s"] == record["batch_size"] * record["seq_len"] / record["step_time_s"]
+    assert record["mfu"] is None  # a CPU has no catalog peak: no made-up MFU
+    # Random tokens over a 512 vocabulary: after 3 steps the loss is still about ln(512) = 6.24.
+    assert abs(record["final_loss"] - math.log(512)) < 0.5
+    assert load_records([path])[0]["chip"] == "cpu"

@@ -97,8 +97,8 @@ def test_user_errors_exit_2_with_one_line(args, fragment, tmp_path, small_corpus
     args = [a.replace("DATA", str(small_corpus)) for a in args]
     if "model=tiny" in args:
         args.append("model.vocab_size=300")
-    r = anychip(*args, f"run_dir={tmp_path / 'run'}" if args[0] == "train" else "", cwd=tmp_path) \
-        if args[0] == "train" else anychip(*args, cwd=tmp_path)
+    run_dir = [f"run_dir={tmp_path / 'run'}"] if args[0] == "train" else []
+    r = anychip(*args, *run_dir, cwd=tmp_path)
     assert r.returncode == 2
     assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()  # failed before writing anything

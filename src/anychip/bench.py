@@ -53,15 +53,15 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     step_time = (time.perf_counter() - t0) / steps
     chip = hardware.detect()
     tokens_per_s = t.batch_size * t.seq_len / step_time
+    flops_token = flops_per_token(cfg.model, t.seq_len)
     return {
         "chip": chip.key, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "n_devices": jax.device_count(), "model": to_dict(cfg.model), "seq_len": t.seq_len,
         "batch_size": t.batch_size, "grad_accum": t.grad_accum, "mesh": dict(trainer.mesh.shape),
         "remat": t.remat, "attention": t.attention, "compute_dtype": t.compute_dtype,
         "compile_time_s": compile_s, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token(cfg.model, t.seq_len),
-        "mfu": mfu(tokens_per_s, flops_per_token(cfg.model, t.seq_len), chip.peak_flops_per_device,
-                   jax.device_count()),
+        "flops_per_token": flops_token,
+        "mfu": mfu(tokens_per_s, flops_token, chip.peak_flops_per_device, jax.device_count()),
         "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(metrics["loss"]),
         "jax": jax.__version__, "python": platform.python_version(), "steps": steps, "warmup": warmup,
     }

@@ -18,12 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from anychip.errors import UserError
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
+from anychip.errors import UserError, require
 
 
 @dataclass(frozen=True)
@@ -46,18 +41,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
-        _require(
+            require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        require(
             self.d_model % self.n_heads == 0,
             f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}",
         )
-        _require(
+        require(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}",
         )
-        _require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
-        _require(self.rope_base > 1, f"model.rope_base must be > 1, got {self.rope_base}")
-        _require(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be positive")
+        require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        require(self.rope_base > 1, f"model.rope_base must be > 1, got {self.rope_base}")
+        require(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +105,7 @@ class DataConfig:
     verify_checksums: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.path is None or self.path != "", "data.path must be a directory or null")
+        require(self.path is None or self.path != "", "data.path must be a directory or null")
 
 
 @dataclass(frozen=True)
@@ -129,13 +124,13 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
-        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(0 < self.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
-        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(0 < self.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+        require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -172,16 +167,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches"):
-            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        _require(self.nonfinite_patience >= 0, "train.nonfinite_patience must be >= 0 (0 = only skip)")
-        _require(0 < self.nonfinite_lr_factor <= 1, "train.nonfinite_lr_factor must be in (0, 1]")
-        _require(
+            require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        require(self.nonfinite_patience >= 0, "train.nonfinite_patience must be >= 0 (0 = only skip)")
+        require(0 < self.nonfinite_lr_factor <= 1, "train.nonfinite_lr_factor must be in (0, 1]")
+        require(
             self.batch_size % self.grad_accum == 0,
             f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size}",
         )
-        _require(self.z_loss >= 0, f"train.z_loss must be >= 0, got {self.z_loss}")
-        _require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
-        _require(self.price_per_hour is None or self.price_per_hour >= 0, "train.price_per_hour must be >= 0")
+        require(self.z_loss >= 0, f"train.z_loss must be >= 0, got {self.z_loss}")
+        require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
+        require(self.price_per_hour is None or self.price_per_hour >= 0, "train.price_per_hour must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -194,8 +189,8 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
-        _require(all(s == -1 or s > 0 for s in sizes), f"mesh sizes must be positive or -1, got {sizes}")
-        _require(sizes.count(-1) <= 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        require(all(s == -1 or s > 0 for s in sizes), f"mesh sizes must be positive or -1, got {sizes}")
+        require(sizes.count(-1) <= 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
 
 @dataclass(frozen=True)
@@ -216,12 +211,12 @@ class DistributedConfig:
     timeout_s: int = 300
 
     def __post_init__(self) -> None:
-        _require(self.num_processes is None or self.num_processes > 0, "distributed.num_processes must be > 0")
-        _require(
+        require(self.num_processes is None or self.num_processes > 0, "distributed.num_processes must be > 0")
+        require(
             self.process_id is None or 0 <= self.process_id < (self.num_processes or self.process_id + 1),
             f"distributed.process_id={self.process_id} must be in [0, distributed.num_processes)",
         )
-        _require(self.timeout_s > 0, f"distributed.timeout_s must be positive, got {self.timeout_s}")
+        require(self.timeout_s > 0, f"distributed.timeout_s must be positive, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -246,12 +241,12 @@ class CheckpointConfig:
     verify: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
-        _require(self.every_minutes >= 0, "checkpoint.every_minutes must be >= 0 (0 = off)")
-        _require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
-        _require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = off)")
-        _require(self.grace_s > 0, f"checkpoint.grace_s must be positive, got {self.grace_s}")
-        _require(self.resume in ("auto", "never") or self.resume.isdigit(),
+        require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
+        require(self.every_minutes >= 0, "checkpoint.every_minutes must be >= 0 (0 = off)")
+        require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
+        require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = off)")
+        require(self.grace_s > 0, f"checkpoint.grace_s must be positive, got {self.grace_s}")
+        require(self.resume in ("auto", "never") or self.resume.isdigit(),
                  f"checkpoint.resume must be auto, never or a step number, got {self.resume!r}")
 
 
@@ -268,7 +263,7 @@ class Config:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
@@ -287,7 +282,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         allowed = typing.get_args(annotation)
-        _require(value in allowed, f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        require(value in allowed, f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -295,10 +290,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         annotation = next(a for a in options if a is not type(None))
     if annotation is bool:
-        _require(isinstance(value, bool), f"{key}: expected true or false, got {value!r}")
+        require(isinstance(value, bool), f"{key}: expected true or false, got {value!r}")
         return value
     if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), f"{key}: expected an integer, got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool), f"{key}: expected an integer, got {value!r}")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as text
@@ -306,12 +301,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _require(
+        require(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: expected a number, got {value!r}"
         )
         return float(value)
     if annotation is str:
-        _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key}: expected text")
+        require(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key}: expected text")
         return str(value)
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
 
@@ -359,7 +354,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any) -> Any:
             elif annotation is ModelConfig and isinstance(value, dict) and "preset" in value:
                 value = dict(value)
                 sub_base = _model_preset(value.pop("preset"))
-            _require(isinstance(value, dict), f"{key}: expected a mapping of settings")
+            require(isinstance(value, dict), f"{key}: expected a mapping of settings")
             values[name] = _build(annotation, value, key + ".", sub_base)
         else:
             values[name] = _coerce(value, annotation, key)
@@ -388,7 +383,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for arg in args:
         key, sep, raw = arg.partition("=")
-        _require(bool(sep) and bool(key), f"expected key=value, got '{arg}'")
+        require(bool(sep) and bool(key), f"expected key=value, got '{arg}'")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -413,12 +408,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        _require(path.is_file(), f"config file not found: {path}")
+        require(path.is_file(), f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        _require(loaded is None or isinstance(loaded, dict), f"{path}: expected a mapping at the top level")
+        require(loaded is None or isinstance(loaded, dict), f"{path}: expected a mapping at the top level")
         data = loaded or {}
     data = _merge(data, _nest(parse_overrides(overrides or [])))
     return _build(Config, data, "", Config())

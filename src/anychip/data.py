@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from anychip.errors import UserError
+from anychip.errors import UserError, require
 from anychip.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
 FORMAT, VERSION = "anychip-tokens", 1
@@ -48,11 +48,6 @@ PROGRESS_EVERY_S = 10.0
 # `encodings` is left out too: its charmap tables ("LATIN SMALL LETTER O WITH TILDE" × thousands)
 # are a tenth of the corpus, easy to memorise, and would dominate a small model's samples.
 BUILTIN_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "encodings"})
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +70,7 @@ def _expand(spec: str) -> list[Path]:
     if path.is_dir():
         return _walk(path)
     matches = sorted(glob(str(path), recursive=True)) if set("*?[") & set(spec) else []
-    _require(bool(matches), f"input not found: {spec}")
+    require(bool(matches), f"input not found: {spec}")
     return [f for match in matches for f in _expand(match)]
 
 
@@ -246,7 +241,7 @@ def _write_shards(tok: Tokenizer, docs: Iterable[str], hashes: np.ndarray, is_va
         for text, encoding in zip(chunk, tok.encode_batch_fast(chunk)):
             raw = text.encode("utf-8")
             # The split was chosen from the first read; a file edited since then would shift it.
-            _require(index < len(hashes) and zlib.crc32(raw) == hashes[index],
+            require(index < len(hashes) and zlib.crc32(raw) == hashes[index],
                      "the input files changed while they were being prepared; run again")
             tokens = np.empty(len(encoding.ids) + 1, dtype)
             tokens[:-1], tokens[-1] = encoding.ids, eot
@@ -256,7 +251,7 @@ def _write_shards(tok: Tokenizer, docs: Iterable[str], hashes: np.ndarray, is_va
             last_log = time.perf_counter()
             log(f"tokenized {index:,}/{len(hashes):,} documents ({index / (last_log - start):,.0f} docs/s), "
                 f"{n_tokens:,} tokens")
-    _require(index == len(hashes), "the input files changed while they were being prepared; run again")
+    require(index == len(hashes), "the input files changed while they were being prepared; run again")
     return {split: w.finish() for split, w in writers.items()}
 
 
@@ -274,7 +269,7 @@ def _skip_summary(skipped: Counter[str]) -> str:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    _require(not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())),
+    require(not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())),
              f"{out_dir} already exists and is not empty; not overwriting it (choose another --out)")
 
 
@@ -297,8 +292,8 @@ def prepare(inputs: list[str], out_dir: str | Path, *, vocab_size: int = 8192, t
     """
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir)
-    _require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
-    _require(shard_tokens > 0, f"shard_tokens must be positive, got {shard_tokens}")
+    require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
+    require(shard_tokens > 0, f"shard_tokens must be positive, got {shard_tokens}")
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tok is not None:
         eot_id(tok)  # fail now, not after reading the whole corpus
@@ -327,8 +322,8 @@ def _prepare_into(tmp: Path, inputs: list[str], tok: Tokenizer | None, vocab_siz
     # First pass: count and hash documents, so empty or one-document corpora fail before any slow work.
     hashes = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in docs(skipped)), dtype=np.uint32)
     log(f"read {len(files):,} files: {len(hashes):,} documents; skipped {_skip_summary(skipped)}")
-    _require(len(hashes) > 0, f"no text found in {_describe(inputs)} (skipped {_skip_summary(skipped)})")
-    _require(len(hashes) >= 2, f"only one document in {_describe(inputs)}; need at least 2 (train and val)")
+    require(len(hashes) > 0, f"no text found in {_describe(inputs)} (skipped {_skip_summary(skipped)})")
+    require(len(hashes) >= 2, f"only one document in {_describe(inputs)}; need at least 2 (train and val)")
     if tok is None:
         log(f"training a {vocab_size:,}-token byte-level BPE tokenizer")
         tok = train_tokenizer(docs(Counter()), vocab_size)
@@ -380,14 +375,15 @@ def read_manifest(data_dir: Path) -> dict:
               and isinstance(manifest.get("tokenizer_sha256"), str))
     except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
         ok = False
-    _require(ok, f"{data_dir} is not a prepared data dir, run `anychip data prepare`")
-    _require(manifest.get("version") == VERSION,
+    require(ok, f"{data_dir} is not a prepared data dir, run `anychip data prepare`")
+    require(manifest.get("version") == VERSION,
              f"{data_dir} has data format {manifest.get('version')}, this anychip reads {VERSION}; "
              "re-run anychip data prepare")
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (shards can be larger than memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -401,22 +397,22 @@ def _open_shard(data_dir: Path, entry: dict, dtype: np.dtype, verify: bool) -> n
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{data_dir}/manifest.json has an invalid shard entry {entry!r}") from None
     # A manifest names files inside its own dir only.
-    _require(Path(name).name == name and n_tokens > 0, f"{data_dir}/manifest.json has an invalid shard {name!r}")
+    require(Path(name).name == name and n_tokens > 0, f"{data_dir}/manifest.json has an invalid shard {name!r}")
     path = data_dir / name
-    _require(path.is_file(), f"missing shard {path}; re-run anychip data prepare")
+    require(path.is_file(), f"missing shard {path}; re-run anychip data prepare")
     size, expected = path.stat().st_size, n_tokens * dtype.itemsize
-    _require(size == expected, f"{path} has {size:,} bytes but the manifest says {n_tokens:,} tokens "
+    require(size == expected, f"{path} has {size:,} bytes but the manifest says {n_tokens:,} tokens "
              f"({expected:,} bytes): the file is truncated or was modified; re-run anychip data prepare")
-    _require(not verify or _sha256_file(path) == sha256,
+    require(not verify or sha256_file(path) == sha256,
              f"checksum mismatch in {path}: the file is corrupt or was modified; re-run anychip data prepare")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 
 
 def _process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
     """Rows [lo, hi) of a global batch that process `process_index` of `process_count` reads."""
-    _require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
-    _require(0 <= process_index < process_count, f"process_index={process_index} not in [0, {process_count})")
-    _require(batch_size % process_count == 0,
+    require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+    require(0 <= process_index < process_count, f"process_index={process_index} not in [0, {process_count})")
+    require(batch_size % process_count == 0,
              f"batch_size={batch_size} is not divisible by the number of processes ({process_count})")
     per_process = batch_size // process_count
     return process_index * per_process, (process_index + 1) * per_process
@@ -431,13 +427,13 @@ class TokenDataset:
         self.split = split
         entries = self.manifest["splits"].get(split)
         entries = entries.get("shards") if isinstance(entries, dict) else None
-        _require(isinstance(entries, list) and len(entries) > 0, f"{self.data_dir} has no '{split}' split")
+        require(isinstance(entries, list) and len(entries) > 0, f"{self.data_dir} has no '{split}' split")
         self.vocab_size: int = self.manifest["vocab_size"]
         self.tokenizer_path = self.data_dir / "tokenizer.json"
         dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.shards = [_open_shard(self.data_dir, e, dtype, verify) for e in entries]
         if verify:
-            _require(tokenizer_hash(load_tokenizer(self.tokenizer_path)) == self.manifest["tokenizer_sha256"],
+            require(tokenizer_hash(load_tokenizer(self.tokenizer_path)) == self.manifest["tokenizer_sha256"],
                      f"{self.tokenizer_path} is not the tokenizer the data was prepared with; "
                      "re-run anychip data prepare")
         self._window_ends: dict[int, np.ndarray] = {}
@@ -449,7 +445,7 @@ class TokenDataset:
 
     def _ends(self, seq_len: int) -> np.ndarray:
         """Cumulative window counts: shard i holds global windows [ends[i-1], ends[i])."""
-        _require(seq_len > 0, f"seq_len must be positive, got {seq_len}")
+        require(seq_len > 0, f"seq_len must be positive, got {seq_len}")
         if seq_len not in self._window_ends:
             counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
             self._window_ends[seq_len] = np.cumsum(counts)
@@ -460,7 +456,7 @@ class TokenDataset:
 
     def _require_windows(self, seq_len: int) -> int:
         n_windows = self.num_windows(seq_len)
-        _require(n_windows > 0, f"the {self.split} split of {self.data_dir} has {self.n_tokens:,} tokens "
+        require(n_windows > 0, f"the {self.split} split of {self.data_dir} has {self.n_tokens:,} tokens "
                  f"(largest shard {max(len(s) for s in self.shards):,}), fewer than one window of "
                  f"seq_len+1={seq_len + 1}")
         return n_windows
@@ -486,7 +482,7 @@ class TokenDataset:
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int, process_index: int = 0,
               process_count: int = 1) -> np.ndarray:
         """(batch_size // process_count, seq_len + 1) int32: this process's rows of the global batch of `step`."""
-        _require(step >= 0 and seed >= 0, f"step and seed must be >= 0, got step={step} seed={seed}")
+        require(step >= 0 and seed >= 0, f"step and seed must be >= 0, got step={step} seed={seed}")
         lo, hi = _process_rows(batch_size, process_index, process_count)
         n_windows = self._require_windows(seq_len)
         samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)  # global sample ids of our rows
@@ -504,10 +500,10 @@ class TokenDataset:
         A split with fewer windows than `batch_size` (tiny validation sets) gives one batch of all its
         windows, rounded down to a multiple of `process_count`.
         """
-        _require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+        require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
         n_windows = self._require_windows(seq_len)
         size = min(batch_size, n_windows) // process_count * process_count
-        _require(size > 0, f"the {self.split} split of {self.data_dir} has {n_windows} windows of "
+        require(size > 0, f"the {self.split} split of {self.data_dir} has {n_windows} windows of "
                  f"seq_len+1={seq_len + 1}, fewer than the {process_count} processes")
         lo, hi = _process_rows(size, process_index, process_count)
         n_batches = n_windows // size if max_batches is None else min(max_batches, n_windows // size)

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input: a config value, a path, a corrupt file. Internal bugs raise anything else."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise UserError(message) unless `ok`: the one-line form of every input check."""
+    if not ok:
+        raise UserError(message)

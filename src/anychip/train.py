@@ -7,7 +7,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from jax.sharding import Mesh
 
 from anychip import __version__, checkpoint, hardware, memory, sharding
 from anychip.config import Config, load_config, replace, save_config, to_dict
-from anychip.data import TokenDataset, builtin_corpus
+from anychip.data import TokenDataset, builtin_corpus, sha256_file
 from anychip.errors import UserError
 from anychip.kernels.attention import resolve as resolve_attention
 from anychip.metrics import Discard, MetricsWriter, StepLogger
@@ -327,13 +326,9 @@ def check_same_data(meta: dict[str, Any], data_dir: Path, train_ds: TokenDataset
     if meta.get("tokenizer_sha256") not in (None, train_ds.manifest["tokenizer_sha256"]):
         raise UserError(f"{data_dir} was tokenized with another tokenizer than checkpoint {meta.get('step')} "
                         "of this run_dir was trained with; use the run's data or start a new run_dir")
-    if meta.get("data_manifest_sha256") not in (None, file_sha256(data_dir / "manifest.json")):
+    if meta.get("data_manifest_sha256") not in (None, sha256_file(data_dir / "manifest.json")):
         log(f"warning: {data_dir} is not the data checkpoint {meta.get('step')} was trained on (manifest "
             "differs): training goes on, but the data order does not continue exactly")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_init_tokenizer(cfg: Config, train_ds: TokenDataset) -> None:
@@ -384,7 +379,7 @@ def checkpoint_meta(cfg: Config, data_dir: Path, train_ds: TokenDataset) -> dict
     return {
         "config": to_dict(cfg), "data_seed": cfg.train.seed, "anychip_version": __version__,
         "tokenizer_sha256": train_ds.manifest["tokenizer_sha256"],
-        "data_manifest_sha256": file_sha256(data_dir / "manifest.json"),
+        "data_manifest_sha256": sha256_file(data_dir / "manifest.json"),
     }
 
 
