@@ -24,9 +24,12 @@ from anychip.train import build_trainer, grads_and_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# (name, mesh, grad_accum): the last one also checks the microbatch split under sharding.
-MESHES = [("data=8", MeshConfig(8, 1, 1), 1), ("fsdp=8", MeshConfig(1, 8, 1), 1),
-          ("fsdp=4,tensor=2", MeshConfig(1, 4, 2), 1), ("data=2,fsdp=2,tensor=2", MeshConfig(2, 2, 2), 2)]
+# (name, mesh, train overrides): grad_accum checks the microbatch split under sharding; loss_chunk the fused
+# cross-entropy with the vocabulary split over tensor, against the reference path on one device.
+MESHES = [("data=8", MeshConfig(8, 1, 1), {}), ("fsdp=8", MeshConfig(1, 8, 1), {}),
+          ("fsdp=4,tensor=2", MeshConfig(1, 4, 2), {}),
+          ("data=2,fsdp=2,tensor=2", MeshConfig(2, 2, 2), {"grad_accum": 2}),
+          ("fsdp=4,tensor=2,loss_chunk=8", MeshConfig(1, 4, 2), {"grad_accum": 2, "loss_chunk": 8})]
 
 
 def grads(cfg, mesh, params, tokens):
@@ -64,9 +67,9 @@ def main() -> None:
     params = jax.device_get(init_params(cfg.model, jax.random.key(0)))
     ref, ce_ref, _ = grads(cfg, sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), params, tokens)
     out, ref = {}, jax.tree.leaves(ref)
-    for name, mesh_cfg, accum in MESHES:
+    for name, mesh_cfg, overrides in MESHES:
         mesh = sharding.make_mesh(mesh_cfg)
-        g, ce, specs = grads(replace(cfg, train={"grad_accum": accum}), mesh, params, tokens)
+        g, ce, specs = grads(replace(cfg, train=overrides), mesh, params, tokens)
         errors = [float(np.max(np.abs(x - y)) / np.max(np.abs(y))) for x, y in zip(jax.tree.leaves(g), ref)]
         out[name] = {"loss_diff": abs(ce - ce_ref), "grad_error": max(errors), "specs": specs}
     print(json.dumps({"devices": jax.device_count(), "meshes": out, "init": init_memory(cfg),

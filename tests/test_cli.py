@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,11 +53,20 @@ def test_bench_writes_a_record_the_planner_can_calibrate_from(tmp_path):
 
     path = tmp_path / "bench.json"
     r = anychip("bench", "model=tiny", "train.batch_size=4", "train.seq_len=32", "--steps", "2", "--warmup", "1",
-                "--json", str(path))
+                "--json", str(path), "--profile", str(tmp_path / "trace"))
     assert r.returncode == 0, r.stderr
     record = json.loads(path.read_text())
     assert record["tokens_per_s"] == record["batch_size"] * record["seq_len"] / record["step_time_s"]
     assert record["mfu"] is None  # a CPU has no catalog peak: no made-up MFU
-    # Random tokens over a 512 vocabulary: after 3 steps the loss is still about ln(512) = 6.24.
+    # Random tokens over a 512 vocabulary: after 6 steps the loss is still about ln(512) = 6.24.
     assert abs(record["final_loss"] - math.log(512)) < 0.5
     assert load_records([path])[0]["chip"] == "cpu"
+    # The profile: a trace a person can open, and op times that add up to about the measured step (the
+    # steps run one after another on one device, so the ops of a step cannot sum to much more than a step
+    # or to far less: 9.0 ms vs 9.3 ms measured on the 2-core CI machine; this run's timings are noisier).
+    profile = record["profile"]
+    assert Path(profile["trace"]).is_file() and Path(profile["trace"]).is_relative_to(tmp_path / "trace")
+    assert 0.2 < profile["device_ms_per_step"] / (1000 * record["step_time_s"]) < 3
+    assert sum(k["share"] for k in profile["kinds"].values()) == pytest.approx(1.0)
+    assert profile["kinds"]["matmul"]["share"] > 0.05  # the projections are found by name
+    assert "top operations:" in r.stdout

@@ -31,7 +31,7 @@ HERE = Path(__file__).parent
 GRAD_TOL = 2e-5
 LOSS_TOL = 1e-5
 
-MESHES = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
+MESHES = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2,loss_chunk=8"]
 
 
 @pytest.fixture(scope="module")

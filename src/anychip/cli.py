@@ -99,10 +99,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anychip.bench import format_record, run_bench, write_record
+    from anychip.bench import format_profile, format_record, run_bench, write_record
 
-    record = run_bench(load_config_args(args), steps=args.steps, warmup=args.warmup)
+    record = run_bench(load_config_args(args), steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
     print(format_record(record))
+    if args.profile:
+        print(format_profile(record["profile"]))
     if args.json:
         write_record(record, args.json)
         print(f"wrote {args.json}")
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--json", help="also write the record to this JSON file")
+    p.add_argument("--profile", metavar="DIR", help="also trace 3 steps into DIR (Perfetto, TensorBoard) and "
+                   "print where the device time goes")
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("hardware", help="the accelerator catalog (specs, prices, sources)")

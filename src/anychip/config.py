@@ -147,6 +147,9 @@ class TrainConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     z_loss: float = 0.0
+    # Sequence positions per chunk of the fused unembedding + cross-entropy (kernels/cross_entropy.py), which
+    # never holds the whole batch's fp32 logits; 0 = the reference path, which materialises them.
+    loss_chunk: int = 0
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -175,6 +178,8 @@ class TrainConfig:
             f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size}",
         )
         require(self.z_loss >= 0, f"train.z_loss must be >= 0, got {self.z_loss}")
+        require(self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
+                f"train.loss_chunk={self.loss_chunk} must be 0 (off) or divide train.seq_len={self.seq_len}")
         require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
         require(self.price_per_hour is None or self.price_per_hour >= 0, "train.price_per_hour must be >= 0")
 

@@ -41,7 +41,8 @@ def device_memory() -> tuple[float | None, str]:
 
 def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[planner.Job, planner.Layout, bool]:
     t = cfg.train
-    job = planner.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if t.compute_dtype == "float32" else 2)
+    job = planner.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if t.compute_dtype == "float32" else 2,
+                      t.loss_chunk)
     remat = "dots" if t.remat == "dots_no_batch" else t.remat  # the planner models none / dots / full
     layout = planner.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
     flash = resolve_attention(t.attention) == "cudnn" and t.compute_dtype != "float32"

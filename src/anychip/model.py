@@ -244,9 +244,14 @@ def cached_hidden_states(
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
 
 
+def unembedding(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The (D, V) output projection: the embedding table's transpose when tied."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Hidden states (..., D) → fp32 logits (..., V), the matmul in compute dtype with fp32 accumulation."""
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # (D, V)
+    w = unembedding(params, cfg)
     return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 

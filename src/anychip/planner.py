@@ -10,7 +10,7 @@ Memory per chip
   * Activations per token and layer are counted from what JAX saves for the backward pass of
     model.py under each policy (listed in `_residuals`), × n_layers, plus one layer's un-rematerialised
     working set (recomputation and cotangents in the backward), plus 12·V bytes for fp32 logits,
-    softmax and their gradient. The portable attention saves the T×T scores; a "flash" chip does not.
+    softmax and their gradient (with train.loss_chunk only one chunk's, plus dloss/dh per token). The portable attention saves the T×T scores; a "flash" chip does not.
   * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE, and only HBM_USABLE of HBM may be planned.
     Checked against XLA's own memory analysis on CPU (tests/test_planner.py), not on accelerators.
 
@@ -69,6 +69,7 @@ class Job:
     seq_len: int
     batch: int  # global batch, sequences
     compute_bytes: int = 2  # bf16 compute; 4 for float32
+    loss_chunk: int = 0  # train.loss_chunk: positions per chunk of the fused cross-entropy, 0 = off
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,8 @@ def _act_per_token(job: Job, remat: str, tensor: int, flash: bool) -> tuple[floa
     working = (1.0 if remat == "full" else 0.5) * (rep0 + shard0 / tensor)
     vocab_split = tensor if cfg.vocab_size % tensor == 0 else 1
     head = 12 * cfg.vocab_size / vocab_split + (8 + b) * cfg.d_model  # logits, softmax, dlogits; final norm
+    if job.loss_chunk:  # fused cross-entropy: one chunk's logits at a time, plus dloss/dh kept per token
+        head = 12 * cfg.vocab_size / vocab_split * job.loss_chunk / job.seq_len + (8 + 2 * b) * cfg.d_model
     return saved + working + head, saved
 
 
@@ -523,7 +526,7 @@ def _case(record: dict[str, Any], catalog: Catalog) -> tuple[Job, Chip, int, Lay
     remat = record["remat"] if record["remat"] in REMATS else "dots"  # dots_no_batch ≈ dots
     layout = Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], int(record.get("grad_accum", 1)), remat)
     job = Job(cfg, 1, int(record["seq_len"]), int(record["batch_size"]),
-              4 if record.get("compute_dtype") == "float32" else 2)
+              4 if record.get("compute_dtype") == "float32" else 2, int(record.get("loss_chunk", 0)))
     return job, chip, layout.data * layout.fsdp * layout.tensor, layout
 
 

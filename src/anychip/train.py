@@ -29,8 +29,11 @@ from anychip.config import Config, load_config, replace, save_config, to_dict
 from anychip.data import TokenDataset, builtin_corpus, sha256_file
 from anychip.errors import UserError
 from anychip.kernels.attention import resolve as resolve_attention
+from anychip.kernels.cross_entropy import chunked_cross_entropy
 from anychip.metrics import Discard, MetricsWriter, StepLogger
-from anychip.model import cross_entropy, forward, init_params, param_axes, param_shapes
+from anychip.model import (
+    cross_entropy, forward, hidden_states, init_params, param_axes, param_shapes, unembedding,
+)
 from anychip.optim import learning_rate_schedule, make_optimizer
 from anychip.preemption import PREEMPTED_EXIT_CODE, Preempted, SaveSchedule, StopSignals
 from anychip.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
@@ -97,8 +100,13 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
 
 def loss_fn(params: Any, tokens: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """tokens (B, T+1) → (loss with z-loss, plain cross-entropy)."""
-    logits = forward(params, tokens[:, :-1], cfg.model, **model_kwargs(cfg))  # (B, T, V) fp32
-    return cross_entropy(logits, tokens[:, 1:], cfg.train.z_loss)
+    inputs, targets, t = tokens[:, :-1], tokens[:, 1:], cfg.train
+    if t.loss_chunk:
+        h = hidden_states(params, inputs, cfg.model, **model_kwargs(cfg))
+        return chunked_cross_entropy(h, unembedding(params, cfg.model), targets, chunk=t.loss_chunk,
+                                     z_loss=t.z_loss)
+    logits = forward(params, inputs, cfg.model, **model_kwargs(cfg))  # (B, T, V) fp32
+    return cross_entropy(logits, targets, t.z_loss)
 
 
 def grads_and_loss(params: Any, batch: jax.Array, cfg: Config) -> tuple[Any, jax.Array]:
