@@ -1,15 +1,24 @@
 """anychip vs transformers training throughput at the same shape, in one invocation on one device.
 
-Runs the transformers peer (benchmarks/hf_peer.py) and `anychip bench` one after the other in
-separate processes (so neither framework's allocator holds memory the other needs), then prints
-both and the ratio. MFU uses the same FLOPs-per-token formula (anychip.metrics) for both.
+Runs the transformers peer (benchmarks/hf_peer.py), then `anychip bench` once per variant, each in its
+own process (so no framework's allocator holds memory the next one needs), and prints every row with
+its ratio to the peer. MFU uses the same FLOPs-per-token formula (anychip.metrics) for all.
 
     python benchmarks/throughput.py --model 1b --batch-size 8 --seq-len 2048 [key=value ...]
+
+A variant is a quoted list of anychip overrides; items that start with --xla go to XLA_FLAGS of that
+run only, so flags are compared against the same run's baseline:
+
+    python benchmarks/throughput.py --model 350m --batch-size 16 --seq-len 2048 \\
+        --variant "train.remat=dots" --variant "train.remat=none train.loss_chunk=256" \\
+        --variant "train.remat=dots --xla_gpu_enable_triton_gemm=false"
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,29 +34,38 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_variant(args, variant: list[str], tmp: Path) -> dict:
+    """One `anychip bench` run; its XLA flags (the --xla items) are added to this process's XLA_FLAGS."""
+    flags = [v for v in variant if v.startswith("--xla")]
+    overrides = [v for v in variant if not v.startswith("--xla")]
+    env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()}
+    record_path = tmp / "bench.json"
+    subprocess.run([sys.executable, "-m", "anychip.cli", "bench", f"model={args.model}",
+                    f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", *overrides,
+                    "--steps", str(args.steps), "--json", str(record_path)], check=True, env=env)
+    return {**json.loads(record_path.read_text()), "variant": " ".join(variant), "xla_flags": flags}
+
+
 def main() -> None:
     parser = shape_parser(__doc__)
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="extra anychip overrides, e.g. train.remat=dots")
+    parser.add_argument("--variant", action="append", type=shlex.split,
+                        help="quoted overrides and --xla flags for one anychip run (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="overrides of the single anychip run when no --variant")
     args = parser.parse_args()
     shape = ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     peer = None if args.skip_peer else run_json([sys.executable, str(HERE / "hf_peer.py"), "--model", args.model,
                                                  *shape])
     with tempfile.TemporaryDirectory() as tmp:
-        record_path = Path(tmp) / "bench.json"
-        subprocess.run([sys.executable, "-m", "anychip.cli", "bench", f"model={args.model}",
-                        f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
-                        *args.overrides,
-                        "--steps", str(args.steps), "--json", str(record_path)], check=True)
-        ours = json.loads(record_path.read_text())
-    print(f"\n{'':14}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}")
-    rows = [("anychip", ours)] + ([("transformers", peer)] if peer else [])
+        ours = [run_variant(args, variant, Path(tmp)) for variant in (args.variant or [args.overrides])]
+    peak_flops = next((r["tokens_per_s"] / r["mfu"] for r in ours if r["mfu"]), None)  # same chip, same formula
+    print(f"\n{'run':44}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}{'vs peer':>9}")
+    rows = [(f"anychip {r['variant']}".strip(), r) for r in ours] + ([("transformers", peer)] if peer else [])
     for name, r in rows:
-        mfu = ours["mfu"] and ours["mfu"] * r["tokens_per_s"] / ours["tokens_per_s"]
-        print(f"{name:14}{r['tokens_per_s']:>12,.0f}{1000 * r['step_time_s']:>10.1f}"
-              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>8}")
-    if peer:
-        print(f"ratio anychip / transformers: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x")
+        mfu = "n/a" if peak_flops is None else f"{100 * r['tokens_per_s'] / peak_flops:.1f}%"
+        mem = "n/a" if not r.get("peak_memory_bytes") else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        print(f"{name[:43]:44}{r['tokens_per_s']:>12,.0f}{1000 * r['step_time_s']:>10.1f}{mfu:>8}{mem:>10}{ratio:>9}")
     print(json.dumps({"anychip": ours, "transformers": peer}))
 
 
