@@ -8,9 +8,9 @@ Memory per chip
   * fp32 params, grads and AdamW m, v: 16 B per local parameter, +4 B for the grad accumulator when
     grad_accum > 1 (train.py); params shard as `sharding.PARAM_RULES` says (non-dividing = replicated).
   * Activations per token and layer are counted from what JAX saves for the backward pass of
-    model.py under each policy (listed in `_residuals`), × n_layers, plus one layer's un-rematerialised
-    working set (recomputation and cotangents in the backward), plus 12·V bytes for fp32 logits,
-    softmax and their gradient (with train.loss_chunk only one chunk's, plus dloss/dh per token). The portable attention saves the T×T scores; a "flash" chip does not.
+    model.py under each policy (listed in `_residuals`), × n_layers, plus the larger of one layer's
+    backward working set (1× its un-rematerialised residuals, 1.5× under 'full') and the loss's: 8·V
+    bytes for fp32 logits and their gradient (with train.loss_chunk only one chunk's, plus dloss/dh). The portable attention saves the T×T scores; a "flash" chip does not.
   * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE, and only HBM_USABLE of HBM may be planned.
     Checked against XLA's own memory analysis on CPU (tests/test_planner.py), not on accelerators.
 
@@ -200,14 +200,17 @@ def _act_per_token(job: Job, remat: str, tensor: int, flash: bool) -> tuple[floa
     rep, shard = _residuals(cfg, job.seq_len, remat, b, flash)
     saved = cfg.n_layers * (rep + shard / tensor)
     rep0, shard0 = _residuals(cfg, job.seq_len, "none", b, flash)
-    # In flight during one layer's backward: its cotangents (≈ half its residuals, measured on CPU),
-    # and under 'full' also the recomputed forward residuals.
-    working = (1.0 if remat == "full" else 0.5) * (rep0 + shard0 / tensor)
+    # On top of the saved residuals, the peak is either one layer's backward (its residuals recomputed or
+    # read, and their cotangents; under 'full' the recomputed forward on top) or the loss: fp32 logits and
+    # their gradient (XLA fuses the softmax between them), or with train.loss_chunk one chunk's, plus
+    # dloss/dh kept per token. The two are never live together. Fitted to XLA's memory analysis on CPU.
+    working = (1.5 if remat == "full" else 1.0) * (rep0 + shard0 / tensor)
     vocab_split = tensor if cfg.vocab_size % tensor == 0 else 1
-    head = 12 * cfg.vocab_size / vocab_split + (8 + b) * cfg.d_model  # logits, softmax, dlogits; final norm
-    if job.loss_chunk:  # fused cross-entropy: one chunk's logits at a time, plus dloss/dh kept per token
-        head = 12 * cfg.vocab_size / vocab_split * job.loss_chunk / job.seq_len + (8 + 2 * b) * cfg.d_model
-    return saved + working + head, saved
+    logits = 8 * cfg.vocab_size / vocab_split
+    if job.loss_chunk:
+        logits = logits * job.loss_chunk / job.seq_len + b * cfg.d_model
+    head = logits + (8 + b) * cfg.d_model  # + the final norm
+    return saved + max(working, head), saved
 
 
 def memory_per_chip(job: Job, layout: Layout, flash: bool = False) -> dict[str, float]:
