@@ -164,3 +164,12 @@ def test_cudnn_attention_matches_portable_path(key):
     # bf16 inputs: both paths accumulate in fp32 but round probabilities differently; 2e-2 is ~3 bf16 ulps at 1.
     np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v), np.float32),
                                np.asarray(xla_attention(q, k, v), np.float32), atol=2e-2)
+
+
+def test_attention_auto_picks_cudnn_only_on_cuda():
+    from anychip.kernels.attention import resolve
+
+    assert resolve("auto", "cuda") == resolve("auto", "gpu") == "cudnn"
+    assert {resolve("auto", b) for b in ("rocm", "tpu", "neuron", "cpu")} == {"xla"}
+    assert resolve("auto") == "xla"  # this machine (CPU)
+    assert resolve("cudnn", "cpu") == "cudnn"  # an explicit choice is kept

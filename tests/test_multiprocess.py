@@ -8,6 +8,8 @@ multi-process run crosses the process boundary on at least one axis. fp32 comput
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -49,11 +51,11 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
             p.kill()
 
 
-def launch_two_processes(data: Path, run_dir: Path) -> list[tuple[str, str]]:
+def start_two_processes(data: Path, run_dir: Path, *overrides: str) -> tuple[list[subprocess.Popen], list]:
     """The coordinator and process ids come from ANYCHIP_* variables, as a launcher script would set them.
     Output goes to files: a full pipe would block a process while we wait on the other."""
     port = free_port()
-    cmd = [sys.executable, "-m", "anychip.cli", "train", *RUN, f"data.path={data}", f"run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "anychip.cli", "train", *RUN, f"data.path={data}", f"run_dir={run_dir}", *overrides]
     logs = [(run_dir.parent / f"p{i}.out", run_dir.parent / f"p{i}.err") for i in range(2)]
     procs = []
     for i, (out, err) in enumerate(logs):
@@ -61,11 +63,45 @@ def launch_two_processes(data: Path, run_dir: Path) -> list[tuple[str, str]]:
                       ANYCHIP_PROCESS_ID=str(i))
         with open(out, "w") as fo, open(err, "w") as fe:
             procs.append(subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env))
+    return procs, logs
+
+
+def launch_two_processes(data: Path, run_dir: Path) -> list[tuple[str, str]]:
+    procs, logs = start_two_processes(data, run_dir)
     wait_all(procs, timeout=400)
     outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{err[-4000:]}"
     return outputs
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(small_corpus, tmp_path):
+    # Only process 1 gets SIGTERM (a scheduler reclaiming one host). Both processes must agree on one step
+    # to stop at (preemption.Agreement, answered one step late so the host never waits for the device),
+    # write that checkpoint together, and exit 75. If they disagreed, one would wait forever in a
+    # collective the other never joins, and wait_all's timeout would end the test.
+    run_dir = tmp_path / "mp"
+    procs, logs = start_two_processes(small_corpus, run_dir, "train.steps=100000")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        rows = metrics.read_text().splitlines() if metrics.is_file() else []
+        if sum('"loss"' in row for row in rows) >= 5:
+            break
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in procs), [err.read_text()[-2000:] for _, err in logs]
+    procs[1].send_signal(signal.SIGTERM)
+    wait_all(procs, timeout=300)
+    errors = [err.read_text() for _, err in logs]
+    assert [p.returncode for p in procs] == [75, 75], errors
+    stops = [re.search(r"stopped by SIGTERM at step (\d+); checkpoint (\d+) written", e) for e in errors]
+    assert all(stops), errors
+    steps = {int(m.group(1)) for m in stops} | {int(m.group(2)) for m in stops}
+    assert len(steps) == 1, stops  # one step, the same on both processes
+    (step,) = steps
+    assert 5 <= step < 100000
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == step, saved
 
 
 def test_two_processes_match_one_process(small_corpus, tmp_path):

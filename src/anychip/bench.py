@@ -23,11 +23,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from anychip import hardware, sharding
 from anychip.config import Config, to_dict
 from anychip.metrics import flops_per_token, mfu
-from anychip.train import build_trainer
+from anychip.train import build_trainer, model_kwargs
 
 
 def peak_memory_bytes() -> int | None:
@@ -73,12 +74,14 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, profile_dir: str | 
         "chip": chip.key, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "n_devices": jax.device_count(), "model": to_dict(cfg.model), "seq_len": t.seq_len,
         "batch_size": t.batch_size, "grad_accum": t.grad_accum, "mesh": dict(trainer.mesh.shape),
-        "remat": t.remat, "attention": t.attention, "compute_dtype": t.compute_dtype, "loss_chunk": t.loss_chunk,
+        "remat": t.remat, "attention": model_kwargs(cfg)["attention_impl"], "compute_dtype": t.compute_dtype, "loss_chunk": t.loss_chunk,
         "compile_time_s": compile_s, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_token,
         "mfu": mfu(tokens_per_s, flops_token, chip.peak_flops_per_device, jax.device_count()),
         "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(metrics["loss"]),
-        "jax": jax.__version__, "python": platform.python_version(), "steps": steps, "warmup": warmup,
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
+        "platform_version": str(getattr(jax.devices()[0].client, "platform_version", "")),  # e.g. the CUDA version
+        "steps": steps, "warmup": warmup,
         **({"profile": profile} if profile else {}),
     }
 
@@ -162,6 +165,7 @@ def format_record(record: dict[str, Any]) -> str:
         ("tokens/s", f"{record['tokens_per_s']:,.0f}"),
         ("MFU", "n/a (no catalog peak for this device)" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"),
         ("peak memory", "n/a on this backend" if mem is None else f"{mem / 2**30:.2f} GiB"),
+        ("software", f"jax {record['jax']}, jaxlib {record['jaxlib']}, {record['platform_version'] or 'n/a'}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -37,10 +37,14 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def resolve(impl: AttentionImpl, backend: str | None = None) -> Literal["xla", "cudnn"]:
-    """`auto` picks cuDNN on NVIDIA GPUs and the portable path everywhere else."""
+    """`auto` picks cuDNN on NVIDIA GPUs and the portable path everywhere else (ROCm included)."""
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    if backend is None:
+        backend = jax.default_backend()
+        # JAX names both CUDA and ROCm "gpu"; the client's platform version tells them apart.
+        if backend == "gpu" and "rocm" in str(getattr(jax.devices()[0].client, "platform_version", "")).lower():
+            backend = "rocm"
     return "cudnn" if backend in ("gpu", "cuda") else "xla"
 
 
