@@ -183,8 +183,9 @@ def activation_mesh(mesh: AnyMesh | None) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
-def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """Pin activation `x` to the layout its logical axes give under the current activation mesh.
+def constrain(x: jax.Array, axes: tuple[str, ...], rules: Mapping[str, Rule] = ACTIVATION_RULES) -> jax.Array:
+    """Pin activation `x` to the layout its logical axes give under the current activation mesh
+    (`rules=PARAM_RULES`: a parameter-shaped value, such as a gradient accumulated in a loop).
 
     Without these, XLA's propagation may resolve a (batch-sharded activation) × (fsdp-sharded
     weight) matmul by resharding the activations instead of all-gathering the weight.
@@ -192,7 +193,7 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     mesh = _ACTIVATION_MESH.get()
     if mesh is None or mesh.size == 1:
         return x
-    spec = spec_for(axes, x.shape, mesh, ACTIVATION_RULES)
+    spec = spec_for(axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from anychip.sharding import constrain
+from anychip.sharding import PARAM_RULES, constrain
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -53,7 +53,10 @@ def _scan(h: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, z_loss: fl
         dlogits = (probs * (1 + 2 * z_loss * lse)[..., None] - (vocab == t_c[..., None])) / n_tokens
         dlogits = dlogits.astype(h.dtype)  # the two matmuls run in compute dtype, accumulate in fp32
         dh_c = jnp.einsum("bcv,dv->bcd", dlogits, w_compute, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
+        # Sharded like the weight: each chunk's contribution is reduce-scattered into place, and no
+        # device holds the whole (D, V) fp32 sum.
+        dw = constrain(dw + jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32),
+                       ("embed", "vocab"), PARAM_RULES)
         return carry[:2] + (dw,), dh_c.astype(h.dtype)
 
     zero = jnp.zeros((), jnp.float32)
