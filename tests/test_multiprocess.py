@@ -49,6 +49,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
+            p.wait()
 
 
 def start_two_processes(data: Path, run_dir: Path, *overrides: str) -> tuple[list[subprocess.Popen], list]:

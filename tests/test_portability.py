@@ -28,6 +28,13 @@ def test_default_config_passes_every_platform():
     assert [r.devices for r in reports if r.platform != "cuda"] == [8, 8, 8]
 
 
+def test_fused_cross_entropy_is_portable():
+    # train.loss_chunk: a scan of plain einsums with a custom VJP; no custom calls, no data-dependent loops.
+    cfg = load_config(None, ["model=tiny", "train.loss_chunk=64", "train.attention=xla"])
+    reports = portability.check(cfg, ["tpu", "neuron"], n_devices=8)
+    assert all(r.ok and not r.findings for r in reports), lines(reports, cfg)
+
+
 def test_cudnn_attention_is_reported_for_cuda_and_fails_elsewhere():
     cfg = load_config(None, ["model=tiny", "train.attention=cudnn"])
     cuda, tpu, neuron = portability.check(cfg, ["cuda", "tpu", "neuron"], n_devices=8)
