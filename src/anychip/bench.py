@@ -37,7 +37,8 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, profile_dir: str | Path | None = None) -> dict[str, Any]:
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3,
+              profile_dir: str | Path | None = None) -> dict[str, Any]:
     """Returns one record (the schema `planner --calibration` reads); with `profile_dir`, also a
     trace of 3 more steps there and the record's "profile" summary (see `summarize_trace`)."""
     trainer = build_trainer(cfg)
@@ -74,7 +75,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, profile_dir: str | 
         "chip": chip.key, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "n_devices": jax.device_count(), "model": to_dict(cfg.model), "seq_len": t.seq_len,
         "batch_size": t.batch_size, "grad_accum": t.grad_accum, "mesh": dict(trainer.mesh.shape),
-        "remat": t.remat, "attention": model_kwargs(cfg)["attention_impl"], "compute_dtype": t.compute_dtype, "loss_chunk": t.loss_chunk,
+        "remat": t.remat, "attention": model_kwargs(cfg)["attention_impl"], "compute_dtype": t.compute_dtype,
+        "loss_chunk": t.loss_chunk,
         "compile_time_s": compile_s, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_token,
         "mfu": mfu(tokens_per_s, flops_token, chip.peak_flops_per_device, jax.device_count()),
@@ -90,15 +92,18 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, profile_dir: str | 
 # NCCL and XLA collectives; copies. The first matching kind wins; the rest are "other" (elementwise and
 # reduction fusions, the optimizer, the loss).
 OP_KINDS = [
-    ("attention", re.compile(r"cudnn|fmha|flash|sdpa|attention", re.I)),
-    ("matmul", re.compile(r"gemm|xmma|nvjet|cublas|cutlass|\bdot|dot[._]|matmul|ynn_fusion|wgmma|sm\d+_", re.I)),
-    ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all_reduce|all_gather|collective", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy|transpose", re.I)),
+    ("attention", re.compile(r"cudnn|fmha|flash|sdpa|attention", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|xmma|nvjet|cublas|cutlass|\bdot|dot[._]|matmul|ynn_fusion|wgmma|sm\d+_",
+                          re.IGNORECASE)),
+    ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all_reduce|all_gather|collective",
+                              re.IGNORECASE)),
+    ("copy", re.compile(r"memcpy|memset|copy|transpose", re.IGNORECASE)),
 ]
 
 
 def newest_trace(profile_dir: str | Path) -> Path:
-    return max(Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    traces = Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz")
+    return max(traces, key=lambda p: p.stat().st_mtime)
 
 
 def summarize_trace(path: Path, steps: int, top: int = 15) -> dict[str, Any]:
@@ -108,7 +113,8 @@ def summarize_trace(path: Path, steps: int, top: int = 15) -> dict[str, Any]:
     run on XLA's own threads (named "tf_XLA..."), where runtime wrappers ("Class::Method") and "end: op"
     markers are left out. Only innermost events count: a loop's span is the sum of its body's ops.
     """
-    data = json.loads(gzip.open(path).read())
+    with gzip.open(path) as f:
+        data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
@@ -144,11 +150,13 @@ def _leaves(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_profile(profile: dict[str, Any]) -> str:
-    lines = [f"device time per step: {profile['device_ms_per_step']:.1f} ms ({profile['source']}); "
-             f"trace: {profile['trace']}"]
-    lines += [f"  {kind:<12}{row['ms']:>9.2f} ms {100 * row['share']:>5.1f}%" for kind, row in profile["kinds"].items()]
+    lines = [(f"device time per step: {profile['device_ms_per_step']:.1f} ms ({profile['source']}); "
+              f"trace: {profile['trace']}")]
+    lines += [f"  {kind:<12}{row['ms']:>9.2f} ms {100 * row['share']:>5.1f}%"
+              for kind, row in profile["kinds"].items()]
     lines.append("top operations:")
-    lines += [f"  {row['ms']:>9.2f} ms {100 * row['share']:>5.1f}%  {row['name'][:90]}" for row in profile["top_ops"]]
+    lines += [f"  {row['ms']:>9.2f} ms {100 * row['share']:>5.1f}%  {row['name'][:90]}"
+              for row in profile["top_ops"]]
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ Memory per chip
   * Activations per token and layer are counted from what JAX saves for the backward pass of
     model.py under each policy (listed in `_residuals`), × n_layers, plus the larger of one layer's
     backward working set (1× its un-rematerialised residuals, 1.5× under 'full') and the loss's: 8·V
-    bytes for fp32 logits and their gradient (with train.loss_chunk only one chunk's, plus dloss/dh). The portable attention saves the T×T scores; a "flash" chip does not.
+    bytes for fp32 logits and their gradient (with train.loss_chunk only one chunk's, plus dloss/dh).
+    The portable attention saves the T×T scores; a "flash" chip does not.
   * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE, and only HBM_USABLE of HBM may be planned.
     Checked against XLA's own memory analysis on CPU (tests/test_planner.py), not on accelerators.
 

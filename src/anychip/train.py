@@ -32,7 +32,13 @@ from anychip.kernels.attention import resolve as resolve_attention
 from anychip.kernels.cross_entropy import chunked_cross_entropy
 from anychip.metrics import Discard, MetricsWriter, StepLogger
 from anychip.model import (
-    cross_entropy, forward, hidden_states, init_params, param_axes, param_shapes, unembedding,
+    cross_entropy,
+    forward,
+    hidden_states,
+    init_params,
+    param_axes,
+    param_shapes,
+    unembedding,
 )
 from anychip.optim import learning_rate_schedule, make_optimizer
 from anychip.preemption import PREEMPTED_EXIT_CODE, Preempted, SaveSchedule, StopSignals

@@ -2,8 +2,8 @@
 
 The reference path (`model.unembed`, then `model.cross_entropy`) materialises fp32 logits for every
 token and their gradient: 8·V bytes per token once XLA fuses the softmax between them, 8.6 GB for the
-350m preset at 16 × 2048. Here a scan over chunks of `chunk` sequence positions computes one chunk's logits, its
-log-sum-exp and, under differentiation, its gradient at once. The loss is the last operation of the
+350m preset at 16 × 2048. Here a scan over chunks of `chunk` sequence positions computes one chunk's
+logits, its log-sum-exp and, under differentiation, its gradient at once. The loss is the last operation of the
 step, so dloss/dlogits = (softmax·(1 + 2·z·lse) − onehot) / N is known in the forward pass. Only
 dloss/dh (B, T, D) in compute dtype and dloss/dW (D, V) in fp32 are kept for the backward pass.
 Nothing is recomputed, so the FLOPs equal the reference path's (the approach of Liger Kernel's fused
@@ -61,7 +61,8 @@ def _scan(h: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, z_loss: fl
 
     zero = jnp.zeros((), jnp.float32)
     dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else zero
-    (ce_sum, lse_sq_sum, dw), dh = jax.lax.scan(body, (zero, zero, dw0), (_chunks(h, chunk), _chunks(targets, chunk)))
+    chunks = (_chunks(h, chunk), _chunks(targets, chunk))
+    (ce_sum, lse_sq_sum, dw), dh = jax.lax.scan(body, (zero, zero, dw0), chunks)
     ce = ce_sum / n_tokens
     loss = ce + z_loss * lse_sq_sum / n_tokens
     return (loss, ce), (None if dh is None else _unchunk(dh), dw)
