@@ -25,10 +25,24 @@ from anychip.sharding import constrain
 Params = dict[str, Any]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 
+# The cuDNN flash-attention forward (jax.nn.dot_product_attention): a custom call, not a dot, so the dot
+# policies alone would run it again in the backward pass. Its outputs (attention output and softmax
+# statistics: ~D + H values per token) are worth keeping. Names from jax/_src/cudnn; tests count the
+# forward calls in the exported step.
+_FLASH_ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd"})
+
+
+def _and_flash_attention(policy: Callable) -> Callable:
+    def saveable(prim: Any, *args: Any, **params: Any) -> bool:
+        return prim.name in _FLASH_ATTENTION_PRIMITIVES or policy(prim, *args, **params)
+
+    return saveable
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": _and_flash_attention(jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": _and_flash_attention(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 

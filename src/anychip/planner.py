@@ -185,7 +185,7 @@ def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool) -> tup
     if remat == "full":
         return b * D, 0.0
     if remat == "dots":
-        attn = 0.0 if flash else 4 * H * T + 4 * D  # flash is a custom call, not a dot: recomputed
+        attn = b * D + 4 * H if flash else 4 * H * T + 4 * D  # flash: its output and softmax statistics
         return 2 * b * D, b * D + 2 * b * Dkv + 2 * b * F + attn
     norm = 8 + (b if b != 4 else 0)  # a separate compute-dtype copy exists only when it is not fp32
     # Scores: fp32 exp + compute-dtype probabilities (8 B per score in fp32 measured on CPU; JAX lists
@@ -256,12 +256,13 @@ def _collective_s(nbytes: float, split: tuple[int, int], chip: Chip, calls: int 
     return t
 
 
-def _recompute_flops_per_token(cfg: ModelConfig, T: int, remat: str, flash: bool) -> float:
-    """Forward FLOPs redone in the backward: the layers' matmuls (not the unembedding) and attention."""
+def _recompute_flops_per_token(cfg: ModelConfig, T: int, remat: str) -> float:
+    """Forward FLOPs redone in the backward: under 'full', the layers' matmuls (not the unembedding) and
+    attention. The dots policies keep every matmul's output and the flash kernel's (model.py)."""
+    if remat != "full":
+        return 0.0
     attn_fwd = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
-    if remat == "full":
-        return 2.0 * (matmul_params(cfg) - cfg.vocab_size * cfg.d_model) + attn_fwd
-    return attn_fwd if remat == "dots" and flash else 0.0
+    return 2.0 * (matmul_params(cfg) - cfg.vocab_size * cfg.d_model) + attn_fwd
 
 
 def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: float) -> dict[str, float]:
@@ -270,7 +271,7 @@ def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: flo
     t, f, ga, L = layout.tensor, layout.fsdp, layout.grad_accum, cfg.n_layers
     tok_mb = job.batch * job.seq_len / (layout.data * f * ga)  # tokens per chip (group) per microbatch
     T = job.seq_len
-    fpt = flops_per_token(cfg, T) + _recompute_flops_per_token(cfg, T, layout.remat, flash)
+    fpt = flops_per_token(cfg, T) + _recompute_flops_per_token(cfg, T, layout.remat)
     compute = fpt * tok_mb / t / sustained_flops
     hbm_bw = (chip.hbm_bw or 0) * HBM_EFF
     p_group = local_params(cfg, 1, t)  # params a chip computes with (gathered over fsdp)
