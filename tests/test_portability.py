@@ -40,7 +40,7 @@ def test_fused_cross_entropy_is_portable():
 def test_dots_remat_keeps_the_flash_attention_forward(remat, forward_calls):
     # The CUDA train step as it lowers (no GPU needed): under the dots policies the cuDNN forward kernel
     # runs once, its outputs kept for the backward kernel; only 'full' runs it again. Running it twice
-    # costs an extra attention forward per layer (~5-9% of a 350m step's FLOPs at T=2048).
+    # costs an extra attention forward per layer (8% of a 350m step's counted FLOPs at T=2048).
     cfg = load_config(None, ["model=tiny", "train.attention=cudnn", f"train.remat={remat}",
                              "mesh.fsdp=1"])
     text = portability.module_text(portability.export(*portability.step_and_inputs(cfg, 1, concrete=True),
