@@ -11,6 +11,7 @@ set -euo pipefail
 part=${1:?usage: gpu_suite.sh ceiling|smoke|350m|1b|afm-3b [OUT_DIR]}
 out=$(realpath -m "${2:-bench-out}")
 repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-python3}  # the device image has python3 only
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
 cd "$repo/benchmarks"
@@ -19,14 +20,14 @@ model_part() {  # model batch seq peer-flag variant...
   local model=$1 batch=$2 seq=$3 peer=$4; shift 4
   local variants=()
   for v in "$@"; do variants+=(--variant "$v"); done
-  python throughput.py --model "$model" --batch-size "$batch" --seq-len "$seq" $peer "${variants[@]}" \
+  "$py" throughput.py --model "$model" --batch-size "$batch" --seq-len "$seq" $peer "${variants[@]}" \
     | tee "$out/$model.txt"
-  python -m anychip.cli bench "model=$model" "train.batch_size=$batch" "train.seq_len=$seq" $1 \
+  "$py" -m anychip.cli bench "model=$model" "train.batch_size=$batch" "train.seq_len=$seq" $1 \
     --steps 5 --json "$out/$model-profiled.json" --profile "$out/trace-$model" | tee -a "$out/$model.txt"
 }
 
 case $part in
-  ceiling) python matmul_ceiling.py | tee "$out/ceiling.txt" ;;
+  ceiling) "$py" matmul_ceiling.py | tee "$out/ceiling.txt" ;;
   smoke) model_part tiny 4 64 "" "train.remat=dots" "train.remat=none train.loss_chunk=16" ;;
   350m) model_part 350m 16 2048 "" "train.remat=dots" "train.remat=dots train.loss_chunk=512" \
           "train.remat=none train.loss_chunk=512" "train.remat=dots --xla_gpu_enable_triton_gemm=false" ;;
