@@ -67,6 +67,15 @@ def test_fp32_matches_the_reference(tied, z_loss):
     assert rel_err(got[3], ref[3]) < 1e-5
 
 
+def test_evaluation_without_gradients_matches_the_reference():
+    # Outside differentiation (eval) the primal path runs: sums only, no dlogits, no dW.
+    params, h, targets = inputs(TINY, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda p, x: fused(p, x, targets, TINY, 1e-2))(params, h)
+        ref = reference(params, h, targets, TINY, 1e-2)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
 def test_bf16_compute_matches_the_reference():
     # bf16 hidden states and matmul inputs, fp32 accumulation in both paths. The fused path rounds
     # dlogits to bf16 before its two matmuls (8 significant bits, 2^-9 ≈ 2e-3 relative per entry); the
