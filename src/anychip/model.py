@@ -280,8 +280,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) ->
 
     Returns (total loss, plain cross-entropy).
     """
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    lse, target_logit = log_normalizer_and_target(logits.astype(jnp.float32), targets)
     ce = jnp.mean(lse - target_logit)
     return ce + z_loss * jnp.mean(lse**2), ce
+
+
+def log_normalizer_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fp32 logits (..., V), targets (...) → (logsumexp, the target's logit), each (...): a token's loss
+    is their difference."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -3,8 +3,9 @@
 The reference path (`model.unembed`, then `model.cross_entropy`) materialises fp32 logits for every
 token and their gradient: 8·V bytes per token once XLA fuses the softmax between them, 8.6 GB for the
 350m preset at 16 × 2048. Here a scan over chunks of `chunk` sequence positions computes one chunk's
-logits, its log-sum-exp and, under differentiation, its gradient at once. The loss is the last operation of the
-step, so dloss/dlogits = (softmax·(1 + 2·z·lse) − onehot) / N is known in the forward pass. Only
+logits, its log-sum-exp and, under differentiation, its gradient at once. The loss is the last
+operation of the step, so dloss/dlogits = (softmax·(1 + 2·z·lse) − onehot) / N is known in the
+forward pass. Only
 dloss/dh (B, T, D) in compute dtype and dloss/dW (D, V) in fp32 are kept for the backward pass.
 Nothing is recomputed, so the FLOPs equal the reference path's (the approach of Liger Kernel's fused
 linear cross-entropy).
@@ -19,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from anychip.model import log_normalizer_and_target
 from anychip.sharding import PARAM_RULES, constrain
 
 
@@ -44,8 +46,7 @@ def _scan(h: jax.Array, w: jax.Array, targets: jax.Array, chunk: int, z_loss: fl
         h_c, t_c = xs  # (B, c, D), (B, c)
         logits = jnp.einsum("bcd,dv->bcv", h_c, w_compute, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        lse = jax.nn.logsumexp(logits, axis=-1)  # (B, c)
-        target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        lse, target_logit = log_normalizer_and_target(logits, t_c)  # (B, c) each
         carry = (ce_sum + jnp.sum(lse - target_logit), lse_sq_sum + jnp.sum(lse**2), dw)
         if not with_grads:
             return carry, None
