@@ -173,3 +173,16 @@ def test_attention_auto_picks_cudnn_only_on_cuda():
     assert {resolve("auto", b) for b in ("rocm", "tpu", "neuron", "cpu")} == {"xla"}
     assert resolve("auto") == "xla"  # this machine (CPU)
     assert resolve("cudnn", "cpu") == "cudnn"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("platform_version, expected", [("rocm 60300", "xla"), ("cuda 13000", "cudnn")])
+def test_attention_auto_tells_rocm_from_cuda(monkeypatch, platform_version, expected):
+    # No GPU here: a stand-in device shaped like a PJRT GPU device, as JAX reports both kinds ("gpu").
+    import types
+
+    device = types.SimpleNamespace(client=types.SimpleNamespace(platform_version=platform_version))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    from anychip.kernels.attention import resolve
+
+    assert resolve("auto") == expected
