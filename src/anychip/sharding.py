@@ -122,12 +122,18 @@ def check_batch(mesh: AnyMesh, batch_size: int, grad_accum: int) -> None:
 
 
 def _mesh_axes_for(rule: Rule, size: int, mesh: AnyMesh, used: set[str]) -> Rule:
-    """The longest prefix of the rule's mesh axes that evenly splits a dimension of `size`."""
+    """The longest prefix of the rule's mesh axes that evenly splits a dimension of `size`.
+
+    A size-1 mesh axis splits nothing and is skipped, never a reason to stop: with `data=1, fsdp=8`
+    the batch must still split over fsdp (stopping there once left every device computing every row).
+    """
     names = (rule,) if isinstance(rule, str) else tuple(rule or ())
     chosen: list[str] = []
     for name in names:
+        if mesh.shape[name] == 1:
+            continue
         ways = math.prod(mesh.shape[a] for a in chosen) * mesh.shape[name]
-        if name in used or mesh.shape[name] == 1 or size % ways:
+        if name in used or size % ways:
             break
         chosen.append(name)
     used.update(chosen)
