@@ -33,9 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anychip import checkpoint
 from anychip.config import load_config
-from anychip.train import abstract_state, build_trainer
+from anychip.train import abstract_state, build_trainer, checkpoint
 
 
 def random_like(abstract: Any, seed: int = 0) -> Any:

@@ -26,9 +26,9 @@ import torch
 from transformers import AutoModelForCausalLM, CompileConfig
 
 from anychip.config import MODEL_PRESETS, ModelConfig
-from anychip.generate import generate
-from anychip.hf import hf_config, hf_state_dict, write_safetensors
+from anychip.interop.hf import hf_config, hf_state_dict, write_safetensors
 from anychip.model import init_params
+from anychip.model.generate import generate
 
 
 def export(params, cfg: ModelConfig, out: Path) -> None:

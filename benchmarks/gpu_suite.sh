@@ -28,12 +28,12 @@ model_part() {  # model batch seq peer-flag variant...
 
 case $part in
   ceiling) "$py" matmul_ceiling.py | tee "$out/ceiling.txt" ;;
-  smoke) model_part tiny 4 64 "" "train.remat=dots" "train.remat=none train.loss_chunk=16" ;;
-  350m) model_part 350m 16 2048 "" "train.remat=dots" "train.remat=dots train.loss_chunk=512" \
-          "train.remat=none train.loss_chunk=512" "train.remat=dots --xla_gpu_enable_triton_gemm=false" ;;
-  1b) model_part 1b 8 2048 "" "train.remat=dots" "train.remat=dots train.loss_chunk=512" \
-        "train.remat=none train.loss_chunk=512" ;;
-  afm-3b) model_part afm-3b 4 4096 --skip-peer "train.remat=dots" "train.remat=dots train.loss_chunk=512" \
-            "train.remat=full train.loss_chunk=512" ;;
+  smoke) model_part tiny 4 64 "" "compute.remat=dots" "compute.remat=none compute.loss_chunk=16" ;;
+  350m) model_part 350m 16 2048 "" "compute.remat=dots" "compute.remat=dots compute.loss_chunk=512" \
+          "compute.remat=none compute.loss_chunk=512" "compute.remat=dots --xla_gpu_enable_triton_gemm=false" ;;
+  1b) model_part 1b 8 2048 "" "compute.remat=dots" "compute.remat=dots compute.loss_chunk=512" \
+        "compute.remat=none compute.loss_chunk=512" ;;
+  afm-3b) model_part afm-3b 4 4096 --skip-peer "compute.remat=dots" "compute.remat=dots compute.loss_chunk=512" \
+            "compute.remat=full compute.loss_chunk=512" ;;
   *) echo "unknown part: $part (ceiling, 350m, 1b or afm-3b)" >&2; exit 2 ;;
 esac

@@ -16,7 +16,7 @@ from shape_args import shape_parser
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from anychip.config import MODEL_PRESETS
-from anychip.metrics import flops_per_token
+from anychip.model.flops import flops_per_token
 
 
 def llama_config(name: str) -> LlamaConfig:

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from anychip import hardware
+from anychip.cost import hardware
 
 
 def jax_tflops(n: int, iters: int) -> float:

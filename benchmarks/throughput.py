@@ -10,8 +10,8 @@ A variant is a quoted list of anychip overrides; items that start with --xla go 
 run only, so flags are compared against the same run's baseline:
 
     python benchmarks/throughput.py --model 350m --batch-size 16 --seq-len 2048 \\
-        --variant "train.remat=dots" --variant "train.remat=none train.loss_chunk=256" \\
-        --variant "train.remat=dots --xla_gpu_enable_triton_gemm=false"
+        --variant "compute.remat=dots" --variant "compute.remat=none compute.loss_chunk=256" \\
+        --variant "compute.remat=dots --xla_gpu_enable_triton_gemm=false"
 """
 
 from __future__ import annotations

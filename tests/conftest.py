@@ -20,7 +20,7 @@ def small_corpus(tmp_path_factory):
     import sysconfig
     from pathlib import Path
 
-    from anychip.data import prepare
+    from anychip.data.prepare import prepare
 
     root = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path_factory.mktemp("corpus_src")

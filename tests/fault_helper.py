@@ -30,9 +30,10 @@ def flat_params(params: Any) -> dict[str, np.ndarray]:
 
 
 def dump_restored(cfg: Any, step: int, out: str) -> None:
-    from anychip.train import abstract_state, build_trainer, open_checkpointer
+    from anychip.train.run_dir import RunDir
+    from anychip.train.step import abstract_state, build_trainer
 
-    ckpt = open_checkpointer(cfg)
+    ckpt = RunDir(cfg.run_dir).checkpointer(cfg.checkpoint)
     state, _ = ckpt.restore(step, abstract_state(build_trainer(cfg)))
     np.savez(out, **flat_params(state.params))
     ckpt.close()
@@ -50,8 +51,8 @@ def reporter(dump_at: tuple[int, str] | None) -> Any:
 def main(argv: list[str]) -> int:
     from anychip.config import load_config
     from anychip.errors import UserError
-    from anychip.preemption import Preempted
-    from anychip.train import train
+    from anychip.train.loop import train
+    from anychip.train.preemption import Preempted
 
     options: dict[str, tuple[int, str]] = {}
     while argv[:1] in (["--dump-restored"], ["--dump-at"]):
@@ -59,21 +60,21 @@ def main(argv: list[str]) -> int:
     no_train = argv[:1] == ["--no-train"]
     argv = argv[no_train:]
     cfg = load_config(None, argv)
-    if cfg.train.compile_cache_dir:  # before the first compile: JAX reads the setting once
-        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.train.compile_cache_dir).expanduser()))
+    if cfg.compute.compile_cache_dir:  # before the first compile: JAX reads the setting once
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compute.compile_cache_dir).expanduser()))
     try:
         if "--dump-restored" in options:
             dump_restored(cfg, *options["--dump-restored"])
             if no_train:
                 return 0
-        summary = train(cfg, log=lambda m: print(m, flush=True), on_step=reporter(options.get("--dump-at")))
+        result = train(cfg, log=lambda m: print(m, flush=True), callbacks=[reporter(options.get("--dump-at"))])
     except Preempted as e:
         print(f"anychip: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except UserError as e:
         print(f"anychip: error: {e}", file=sys.stderr, flush=True)
         return 2
-    np.savez(Path(cfg.run_dir) / "final_params.npz", **flat_params(summary["params"]))
+    np.savez(Path(cfg.run_dir) / "final_params.npz", **flat_params(result.params))
     return 0
 
 

@@ -11,14 +11,15 @@ import jax
 import numpy as np
 
 from anychip.config import load_config
-from anychip.train import load_run, train
+from anychip.train.loop import train
+from anychip.train.run_dir import load_run
 
 
 def main(data: str, ref_dir: str, mp_dir: str, *overrides: str) -> None:
     cfg = load_config(None, [*overrides, f"data.path={data}", f"run_dir={ref_dir}"])
-    summary = train(cfg, log=lambda _: None)
+    result = train(cfg, log=lambda _: None)
     _, mp_params, _ = load_run(mp_dir)
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), summary["params"],
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), result.params,
                          mp_params)
     print(json.dumps({"devices": jax.device_count(), "max_param_diff": max(jax.tree.leaves(diffs))}))
 

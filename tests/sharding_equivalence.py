@@ -17,19 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anychip import sharding
 from anychip.config import MeshConfig, load_config, replace
-from anychip.model import init_params
-from anychip.train import build_trainer, grads_and_loss
+from anychip.model.params import init_params
+from anychip.parallel import mesh as sharding
+from anychip.train.step import build_trainer, grads_and_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# (name, mesh, train overrides): grad_accum checks the microbatch split under sharding; loss_chunk the fused
+# (name, mesh, config overrides): grad_accum checks the microbatch split under sharding; loss_chunk the fused
 # cross-entropy with the vocabulary split over tensor, against the reference path on one device.
 MESHES = [("data=8", MeshConfig(8, 1, 1), {}), ("fsdp=8", MeshConfig(1, 8, 1), {}),
           ("fsdp=4,tensor=2", MeshConfig(1, 4, 2), {}),
-          ("data=2,fsdp=2,tensor=2", MeshConfig(2, 2, 2), {"grad_accum": 2}),
-          ("fsdp=4,tensor=2,loss_chunk=8", MeshConfig(1, 4, 2), {"grad_accum": 2, "loss_chunk": 8})]
+          ("data=2,fsdp=2,tensor=2", MeshConfig(2, 2, 2), {"train": {"grad_accum": 2}}),
+          ("fsdp=4,tensor=2,loss_chunk=8", MeshConfig(1, 4, 2),
+           {"train": {"grad_accum": 2}, "compute": {"loss_chunk": 8}})]
 
 
 def grads(cfg, mesh, params, tokens):
@@ -61,7 +62,7 @@ def data_shards() -> dict[str, list[int]]:
 
 
 def main() -> None:
-    cfg = load_config(None, ["model=tiny", "train.compute_dtype=float32", "train.batch_size=16",
+    cfg = load_config(None, ["model=tiny", "compute.dtype=float32", "train.batch_size=16",
                              "train.seq_len=32", *sys.argv[1:]])
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (16, 33), 0, cfg.model.vocab_size, jnp.int32))
     params = jax.device_get(init_params(cfg.model, jax.random.key(0)))
@@ -69,7 +70,7 @@ def main() -> None:
     out, ref = {}, jax.tree.leaves(ref)
     for name, mesh_cfg, overrides in MESHES:
         mesh = sharding.make_mesh(mesh_cfg)
-        g, ce, specs = grads(replace(cfg, train=overrides), mesh, params, tokens)
+        g, ce, specs = grads(replace(cfg, **overrides), mesh, params, tokens)
         errors = [float(np.max(np.abs(x - y)) / np.max(np.abs(y))) for x, y in zip(jax.tree.leaves(g), ref)]
         out[name] = {"loss_diff": abs(ce - ce_ref), "grad_error": max(errors), "specs": specs}
     print(json.dumps({"devices": jax.device_count(), "meshes": out, "init": init_memory(cfg),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from anychip.bench import summarize_trace
+from anychip.check.bench import summarize_trace
 
 
 def test_gpu_trace_counts_device_kernels_by_kind(tmp_path):

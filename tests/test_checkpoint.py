@@ -14,18 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anychip import checkpoint
-from anychip.checkpoint import Checkpointer, CheckpointSaveError
-from anychip.config import CheckpointConfig, load_config
+from anychip.config import load_config
 from anychip.errors import UserError
-from anychip.metrics import read_metrics
-from anychip.train import NonFiniteError, SaveSchedule, build_trainer, load_run, train
+from anychip.train import checkpoint
+from anychip.train.checkpoint import Checkpointer, CheckpointSaveError, SaveSchedule
+from anychip.train.guard import NonFiniteError
+from anychip.train.loop import train
+from anychip.train.run_dir import RunDir, load_run
+from anychip.train.step import build_trainer
 
 # A very small model: these tests are about the plumbing around it, and each compile costs seconds.
 MICRO = ["model=tiny", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
-         "model.d_ff=64", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
-         "train.eval_every=1000", "train.eval_batches=1", "train.sample_tokens=0",
-         "train.compute_dtype=float32", "optim.warmup_steps=2"]
+         "model.d_ff=64", "train.batch_size=4", "train.seq_len=32", "log.every=1",
+         "eval.every=1000", "eval.batches=1", "eval.sample_tokens=0",
+         "compute.dtype=float32", "optim.warmup_steps=2"]
 
 
 def state_tree() -> dict:
@@ -180,8 +182,8 @@ def run(small_corpus, tmp_path_factory, tmp_path):
 
     def run(*overrides: str, on_step=None, log=None):
         cfg = load_config(None, [*MICRO, f"data.path={small_corpus}", f"run_dir={tmp_path / 'run'}",
-                                 f"train.compile_cache_dir={cache}", *overrides])
-        return train(cfg, log=log or (lambda _: None), on_step=on_step)
+                                 f"compute.compile_cache_dir={cache}", *overrides])
+        return train(cfg, log=log or (lambda _: None), callbacks=[on_step] if on_step else [])
 
     return run
 
@@ -248,7 +250,7 @@ def test_a_nonfinite_step_is_skipped_bit_for_bit(small_corpus):
 
 
 def poison_after(step_to_poison: int, times: int = 1):
-    """An on_step hook that makes every parameter NaN after step `step_to_poison`, the first `times` times
+    """A callback that makes every parameter NaN after step `step_to_poison`, the first `times` times
     the run gets there: every later step sees NaN parameters, as after a bit flip."""
     hits = []
 
@@ -263,27 +265,27 @@ def poison_after(step_to_poison: int, times: int = 1):
 
 def test_nonfinite_steps_in_a_row_restore_the_last_good_checkpoint(run, tmp_path):
     logs: list[str] = []
-    summary = run("train.steps=10", "checkpoint.every_steps=2", "train.nonfinite_patience=2",
-                  on_step=poison_after(5), log=logs.append)
-    rows = read_metrics(tmp_path / "run")
+    result = run("train.steps=10", "checkpoint.every_steps=2", "nonfinite.patience=2",
+                 on_step=poison_after(5), log=logs.append)
+    rows = RunDir(tmp_path / "run").read_metrics()
     assert [r["step"] for r in rows if r.get("skipped")] == [6, 7]
     event = next(r for r in rows if r.get("event") == "nonfinite_restore")
     # Checkpoint 6 holds the poisoned params (saved before step 6 showed NaN): 4 is the last good one.
     assert event["step"] == 4 and event["bad_steps"] == [6, 7] and event["lr_scale"] == 0.5
     assert (tmp_path / "run" / "checkpoints.nonfinite" / "6").is_dir()
     assert any("restored checkpoint 4 with the learning rate x0.5" in m for m in logs)
-    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(summary["params"]))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(result.params))
     replayed = [r for r in rows if r["step"] == 5 and "loss" in r]
     assert len(replayed) == 2 and replayed[1]["lr"] == pytest.approx(replayed[0]["lr"] / 2, rel=1e-6)
 
 
 def test_nonfinite_steps_in_a_row_stop_when_configured_or_when_restores_do_not_help(run, tmp_path):
     with pytest.raises(NonFiniteError, match=r"not finite for 2 steps in a row \(6\.\.7\); stopping "
-                                             r"\(train\.nonfinite_action=stop\)"):
-        run("train.steps=10", "checkpoint.every_steps=2", "train.nonfinite_patience=2",
-            "train.nonfinite_action=stop", on_step=poison_after(5))
+                                             r"\(nonfinite\.action=stop\)"):
+        run("train.steps=10", "checkpoint.every_steps=2", "nonfinite.patience=2",
+            "nonfinite.action=stop", on_step=poison_after(5))
     with pytest.raises(NonFiniteError, match=r"stopping \(3 restores did not help\)"):
-        run("train.steps=10", "checkpoint.every_steps=2", "train.nonfinite_patience=2",
+        run("train.steps=10", "checkpoint.every_steps=2", "nonfinite.patience=2",
             f"run_dir={tmp_path / 'again'}", on_step=poison_after(5, times=99))
 
 
@@ -295,8 +297,8 @@ def test_fingerprints_see_a_moved_value(tmp_path):
 
 def test_time_based_checkpoints(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("anychip.train.time.monotonic", lambda: now[0])
-    schedule = SaveSchedule(CheckpointConfig(every_steps=100, every_minutes=2))
+    monkeypatch.setattr("anychip.train.checkpoint.time.monotonic", lambda: now[0])
+    schedule = SaveSchedule(every_steps=100, every_minutes=2)
     assert schedule.due(100) and not schedule.due(7)
     now[0] += 119
     assert not schedule.due(7)

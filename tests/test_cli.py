@@ -49,7 +49,7 @@ def test_bench_writes_a_record_the_planner_can_calibrate_from(tmp_path):
     import json
     import math
 
-    from anychip.planner import load_records
+    from anychip.cost.calibration import load_records
 
     path = tmp_path / "bench.json"
     r = anychip("bench", "model=tiny", "train.batch_size=4", "train.seq_len=32", "--steps", "2", "--warmup", "1",
@@ -60,7 +60,7 @@ def test_bench_writes_a_record_the_planner_can_calibrate_from(tmp_path):
     assert record["mfu"] is None  # a CPU has no catalog peak: no made-up MFU
     # Random tokens over a 512 vocabulary: after 6 steps the loss is still about ln(512) = 6.24.
     assert abs(record["final_loss"] - math.log(512)) < 0.5
-    assert load_records([path])[0]["chip"] == "cpu"
+    assert load_records([path])[0].chip == "cpu"
     # The profile: a trace a person can open, and op times that add up to about the measured step (the
     # steps run one after another on one device, so the ops of a step cannot sum to much more than a step
     # or to far less: 9.0 ms vs 9.3 ms measured on the 2-core CI machine; this run's timings are noisier).

@@ -42,7 +42,7 @@ def test_saved_config_loads_back_identically(tmp_path):
     (["train.steps=ten"], "expected an integer"),
     (["optim.schedule=linear"], "not one of"),
     (["train.grad_accum=3"], "does not divide train.batch_size"),
-    (["train.loss_chunk=100"], "must be 0 (off) or divide train.seq_len=256"),
+    (["compute.loss_chunk=100"], "must be 0 (off) or divide train.seq_len=256"),
     (["steps"], "expected key=value"),
 ])
 def test_bad_values_are_one_line_user_errors(overrides, fragment):

@@ -1,5 +1,5 @@
 """The fused, chunked unembedding + cross-entropy against the reference path (full logits, then
-`model.cross_entropy`): values, gradients, z-loss, tied and untied embeddings, and the claim that the
+`loss.cross_entropy`): values, gradients, z-loss, tied and untied embeddings, and the claim that the
 whole batch's logits never exist."""
 
 import dataclasses
@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anychip import memory, sharding
 from anychip.config import MODEL_PRESETS, load_config, replace
-from anychip.kernels.cross_entropy import chunked_cross_entropy
-from anychip.model import cross_entropy, init_params, unembed, unembedding
-from anychip.train import abstract_state, build_trainer, grads_and_loss
+from anychip.model.decoder import unembed, unembedding
+from anychip.model.loss import chunked_cross_entropy, cross_entropy
+from anychip.model.params import init_params
+from anychip.parallel import mesh as sharding
+from anychip.train import memory
+from anychip.train.step import abstract_state, build_trainer, grads_and_loss
 
 TINY = MODEL_PRESETS["tiny"]
 B, T = 4, 32
@@ -124,14 +126,14 @@ def iter_eqns(jaxpr):
 
 def test_training_gradients_with_loss_chunk_match_the_reference_path():
     # The whole train-step gradient (every parameter, grad accumulation over 2 microbatches, z-loss)
-    # through train.grads_and_loss; tolerances as in the fp32 test above.
-    cfg = load_config(None, ["model=tiny", "train.compute_dtype=float32", "train.batch_size=4",
+    # through step.grads_and_loss; tolerances as in the fp32 test above.
+    cfg = load_config(None, ["model=tiny", "compute.dtype=float32", "train.batch_size=4",
                              "train.seq_len=32", "train.z_loss=1e-3", "train.grad_accum=2"])
     params = init_params(cfg.model, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, cfg.model.vocab_size)
     with jax.default_matmul_precision("highest"):
         ref_g, ref_ce = grads_and_loss(params, tokens, cfg)
-        got_g, got_ce = grads_and_loss(params, tokens, replace(cfg, train={"loss_chunk": 16}))
+        got_g, got_ce = grads_and_loss(params, tokens, replace(cfg, compute={"loss_chunk": 16}))
     np.testing.assert_allclose(got_ce, ref_ce, rtol=1e-6)
     for path, g in jax.tree_util.tree_leaves_with_path(got_g):
         assert rel_err(g, _at(ref_g, path)) < 1e-5, jax.tree_util.keystr(path)
@@ -155,8 +157,8 @@ def test_train_step_memory_drops_with_loss_chunk_in_xla_and_in_the_planner():
     # train.auto_fit and `anychip plan` use) must predict one. Measured on XLA:CPU: temp 380 MB → 147 MB.
     def step_memory(chunk):
         cfg = load_config(None, ["model=tiny", "model.vocab_size=16384", "model.d_model=128", "model.d_ff=352",
-                                 "train.compute_dtype=float32", "train.batch_size=8", "train.seq_len=256",
-                                 f"train.loss_chunk={chunk}"])
+                                 "compute.dtype=float32", "train.batch_size=8", "train.seq_len=256",
+                                 f"compute.loss_chunk={chunk}"])
         trainer = build_trainer(cfg)
         batch = jax.ShapeDtypeStruct((8, 257), jnp.int32, sharding=sharding.batch_sharding(trainer.mesh))
         temp = trainer.step.lower(abstract_state(trainer), batch).compile().memory_analysis().temp_size_in_bytes

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import anychip
-from anychip import data
-from anychip.data import TokenDataset, assign_val, builtin_corpus, prepare, stdlib_sources, token_dtype
+from anychip.data import prepare as preparing
+from anychip.data.dataset import TokenDataset
+from anychip.data.prepare import assign_val, builtin_corpus, prepare, stdlib_sources, token_dtype
+from anychip.data.tokenizer import load_tokenizer, train_tokenizer
 from anychip.errors import UserError
-from anychip.tokenizer import load_tokenizer, train_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # A mixed corpus: every input kind and every reason to skip
@@ -296,7 +297,7 @@ def test_batch_is_pure_and_process_independent(prepared):
 
 
 def test_batch_is_identical_in_a_fresh_process(prepared, tmp_path):
-    code = ("import sys, numpy as np; from anychip.data import TokenDataset; "
+    code = ("import sys, numpy as np; from anychip.data.dataset import TokenDataset; "
             "np.save(sys.argv[2], TokenDataset(sys.argv[1]).batch(7, 8, 16, seed=3, process_index=1, "
             "process_count=2))")
     env = {**os.environ, "PYTHONPATH": str(Path(anychip.__file__).parents[1])}
@@ -404,7 +405,7 @@ def test_stdlib_sources_excludes_tests_packages_and_idle(tmp_path):
 
 def test_builtin_corpus_is_prepared_once(tmp_path, monkeypatch):
     fake_stdlib(tmp_path / "lib")
-    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "lib")})
+    monkeypatch.setattr(preparing.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "lib")})
     logs: list[str] = []
     path = builtin_corpus(tmp_path / "cache", vocab_size=300, log=logs.append)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"

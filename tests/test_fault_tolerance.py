@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anychip.checkpoint import COMMIT_DELAY_ENV
+from anychip.train.checkpoint import COMMIT_DELAY_ENV
 
 HELPER = Path(__file__).with_name("fault_helper.py")
 STEPS = 64
@@ -37,10 +37,10 @@ def run_args(small_corpus, tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache")
     # A one-layer model: compiles dominate these tests, and the model's size does not matter to them.
     return ["model=tiny", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
-            "model.d_ff=64", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
-            "train.eval_every=20", "train.eval_batches=1", "train.sample_tokens=0",
-            "train.compute_dtype=float32", "optim.warmup_steps=4",
-            f"train.steps={STEPS}", f"data.path={small_corpus}", f"train.compile_cache_dir={cache}",
+            "model.d_ff=64", "train.batch_size=8", "train.seq_len=32", "log.every=1",
+            "eval.every=20", "eval.batches=1", "eval.sample_tokens=0",
+            "compute.dtype=float32", "optim.warmup_steps=4",
+            f"train.steps={STEPS}", f"data.path={small_corpus}", f"compute.compile_cache_dir={cache}",
             "checkpoint.every_steps=1", "checkpoint.keep=2"]
 
 
@@ -208,7 +208,7 @@ def test_sigterm_and_sigint_stop_with_a_checkpoint(run_args, reference, tmp_path
 def check_topology_change(run_args: list[str], tmp_path: Path, train_on: tuple[int, ...]) -> None:
     """Save sharded 8 ways (fsdp=8); restore checkpoint 2 of 6 on 1, 2 and 4 devices: the params are
     bitwise those saved, and on `train_on` device counts training goes on with the same batches."""
-    args = [*run_args, "train.steps=6", "train.eval_every=1000", "checkpoint.every_steps=2",
+    args = [*run_args, "train.steps=6", "eval.every=1000", "checkpoint.every_steps=2",
             "checkpoint.keep=10"]
     source = tmp_path / "fsdp8"
     train_to_end(["--dump-at", "2", str(tmp_path / "saved.npz"), *args, f"run_dir={source}", "mesh.fsdp=8"],

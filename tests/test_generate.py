@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from anychip.config import MODEL_PRESETS
+from anychip.data.tokenizer import train_tokenizer
 from anychip.errors import UserError
-from anychip.generate import _decode, generate, generate_text, sample, top_k_filter, top_p_filter
-from anychip.model import cached_hidden_states, forward, init_cache, init_params, unembed
-from anychip.tokenizer import train_tokenizer
+from anychip.model.decoder import cached_hidden_states, forward, init_cache, unembed
+from anychip.model.generate import _decode, generate, generate_text, sample, top_k_filter, top_p_filter
+from anychip.model.params import init_params
 
 # Large init so greedy continuations vary (at std 0.02 a tied tiny model just repeats its last token).
 CFG = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=300, init_std=0.3, tie_embeddings=False)

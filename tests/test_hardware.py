@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from anychip import hardware
+from anychip.cost import hardware
 from anychip.errors import UserError
 
 BRIEF_KEYS = ["a100", "h100", "h200", "b200", "gb200", "mi300x", "mi325x", "tpu-v4", "tpu-v5e", "tpu-v5p",

@@ -27,12 +27,15 @@ from transformers import (
 )
 
 from anychip.config import Config, ModelConfig, TrainConfig, load_config
-from anychip.data import prepare
+from anychip.data.prepare import prepare
+from anychip.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from anychip.errors import UserError
-from anychip.hf import export_hf, import_hf, write_run
-from anychip.model import forward, init_params
-from anychip.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from anychip.train import evaluate_run, load_run, train
+from anychip.interop.hf import export_hf, import_hf, write_run
+from anychip.model.decoder import forward
+from anychip.model.params import init_params
+from anychip.train.evaluate import evaluate_run
+from anychip.train.loop import train
+from anychip.train.run_dir import load_run
 
 ATOL = 1e-4
 ENGLISH = [f"the quick brown fox jumps over the lazy dog {i} times, said the cat." for i in range(200)]
@@ -200,11 +203,11 @@ def test_continued_pretraining_from_an_import_lowers_held_out_loss(tmp_path, tok
     data = tmp_path / "data"
     prepare([str(new_language(tmp_path / "corpus"))], data, tokenizer=str(run / "tokenizer.json"),
             val_fraction=0.2, log=lambda _: None)
-    before = evaluate_run(run, data=str(data))["eval_loss"]  # every val window, as the final eval below
+    before = evaluate_run(run, data=str(data)).loss  # every val window, as the final eval below
     cfg = load_config(run / "config.yaml", [
         f"init_from={run}", f"run_dir={tmp_path / 'cpt'}", f"data.path={data}", "train.steps=40",
-        "train.compute_dtype=float32", "optim.warmup_steps=5", "train.eval_every=1000",
-        "checkpoint.every_steps=0", "train.eval_batches=1000",
+        "compute.dtype=float32", "optim.warmup_steps=5", "eval.every=1000",
+        "checkpoint.every_steps=0", "eval.batches=1000",
     ])
-    after = train(cfg, log=lambda _: None)["eval_loss"]
+    after = train(cfg, log=lambda _: None).final_eval.loss
     assert after < before - 1.0, (before, after)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from anychip.metrics import read_metrics
+from anychip.train.run_dir import RunDir
 
 HERE = Path(__file__).parent
-RUN = ["model=tiny", "train.steps=3", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
-       "train.eval_batches=2", "train.eval_every=100", "train.sample_tokens=0", "train.compute_dtype=float32",
+RUN = ["model=tiny", "train.steps=3", "train.batch_size=8", "train.seq_len=32", "log.every=1",
+       "eval.batches=2", "eval.every=100", "eval.sample_tokens=0", "compute.dtype=float32",
        "checkpoint.every_steps=0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-       "train.compile_cache_dir=none"]
+       "compute.compile_cache_dir=none"]
 
 
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:
@@ -113,7 +113,7 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
     # The reference also checks the persistent compilation cache (every compile cached, however quick).
     cache = tmp_path / "xla"
     cmd = [sys.executable, str(HERE / "multiprocess_reference.py"), str(small_corpus), str(tmp_path / "ref"),
-           str(tmp_path / "mp"), *RUN, f"train.compile_cache_dir={cache}"]
+           str(tmp_path / "mp"), *RUN, f"compute.compile_cache_dir={cache}"]
     ref = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400,
                          env=cpu_env(8, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
     assert ref.returncode == 0, ref.stderr[-4000:]
@@ -121,7 +121,7 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
     assert result["devices"] == 8
     assert any(path.name.startswith("jit_train_step") for path in cache.iterdir())
 
-    mp, one = read_metrics(tmp_path / "mp"), read_metrics(tmp_path / "ref")
+    mp, one = RunDir(tmp_path / "mp").read_metrics(), RunDir(tmp_path / "ref").read_metrics()
     # Process 0 alone wrote metrics.jsonl: each step once, not once per process.
     assert [r["step"] for r in mp if "loss" in r] == [1, 2, 3]
     for key in ("loss", "eval_loss"):

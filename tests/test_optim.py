@@ -1,13 +1,17 @@
 """The optimizer's schedule shapes and weight-decay mask."""
 
+import dataclasses
 import itertools
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
-from anychip.config import OptimConfig
-from anychip.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from anychip.config import MODEL_PRESETS, OptimConfig
+from anychip.model.params import init_params, is_norm, named_leaves
+from anychip.train.optim import learning_rate_schedule, lr_scale, make_optimizer, with_lr_scale
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
@@ -27,14 +31,29 @@ def test_warmup_then_decay_to_the_floor(schedule):
 
 
 def test_norm_gains_are_not_decayed():
-    params = {"embed": jnp.ones((4, 2)), "final_norm": jnp.ones(2),
-              "layers": {"attn_norm": jnp.ones((1, 2)), "wq": jnp.ones((1, 2, 1, 2))}}
-    mask = weight_decay_mask(params)
-    assert mask == {"embed": True, "final_norm": False, "layers": {"attn_norm": False, "wq": True}}
-    opt = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, schedule="constant"), 10)
-    zero_grads = {k: v * 0 for k, v in params.items() if k != "layers"} | {
-        "layers": {k: v * 0 for k, v in params["layers"].items()}}
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], qk_norm=True)
+    params = init_params(cfg, jax.random.key(0))
+    opt = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, schedule="constant"), 10,
+                         is_norm(cfg))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero_grads, opt.init(params), params)
     new = optax.apply_updates(params, updates)
-    assert float(new["final_norm"][0]) == 1.0  # untouched
-    assert float(new["embed"][0, 0]) == pytest.approx(1.0 - 0.1 * 0.5)  # decoupled decay: p -= lr·wd·p
+    for name in ("final_norm", "layers.attn_norm", "layers.q_norm"):  # gains: untouched
+        np.testing.assert_array_equal(named_leaves(new)[name], named_leaves(params)[name])
+    for name in ("embed", "layers.wq", "layers.w_down"):  # decoupled decay: p -= lr·wd·p
+        np.testing.assert_allclose(named_leaves(new)[name], 0.95 * named_leaves(params)[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_the_learning_rate_scale_is_found_by_type_and_scales_the_update(grad_clip):
+    cfg = MODEL_PRESETS["tiny"]
+    params = init_params(cfg, jax.random.key(0))
+    opt = make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", grad_clip=grad_clip), 10,
+                         is_norm(cfg))
+    state = opt.init(params)
+    assert float(lr_scale(state)) == 1.0
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    full, _ = opt.update(grads, state, params)
+    half, _ = opt.update(grads, with_lr_scale(state, jnp.float32(0.5)), params)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(half)):
+        np.testing.assert_allclose(b, 0.5 * a, rtol=1e-6)

@@ -15,11 +15,17 @@ import numpy as np
 import optax
 import pytest
 
-from anychip import hardware, memory, model, planner, sharding
 from anychip.config import MODEL_PRESETS, ModelConfig, load_config
+from anychip.cost import calibration, hardware, planner, step_model
+from anychip.cost.calibration import BenchRecord
 from anychip.errors import UserError
-from anychip.metrics import flops_per_token
-from anychip.train import abstract_state, build_trainer
+from anychip.model import decoder
+from anychip.model.flops import flops_per_token
+from anychip.model.loss import cross_entropy
+from anychip.model.params import count_params, init_params
+from anychip.parallel import mesh as sharding
+from anychip.train import memory
+from anychip.train.step import abstract_state, build_trainer
 
 TINY = MODEL_PRESETS["tiny"]
 # Small shapes that compile in a few seconds on 2 cores but are not dominated by the norms' vectors.
@@ -72,22 +78,22 @@ def test_more_fsdp_shards_never_increase_param_memory(name):
     cfg = MODEL_PRESETS[name]
     fsdp_sizes = [f for f in (2**k for k in range(14)) if cfg.d_model % f == 0]  # the sizes the planner tries
     for tensor in (1, 2, 4, 8):
-        per_chip = [planner.local_params(cfg, f, tensor) for f in fsdp_sizes]
+        per_chip = [step_model.local_params(cfg, f, tensor) for f in fsdp_sizes]
         assert all(b <= a for a, b in itertools.pairwise(per_chip)), (name, tensor, per_chip)
         assert per_chip[-1] < per_chip[0] or len(per_chip) == 1
-        layouts = [planner.Layout(1, f, tensor, 1, "full") for f in fsdp_sizes]
-        job = planner.Job(cfg, 1, 256, 4096)
-        states = [planner.memory_per_chip(job, lay)["states"] for lay in layouts]
+        layouts = [step_model.Layout(1, f, tensor, 1, "full") for f in fsdp_sizes]
+        job = step_model.Job(cfg, 1, 256, 4096)
+        states = [step_model.memory_per_chip(job, lay)["states"] for lay in layouts]
         assert all(b <= a for a, b in itertools.pairwise(states))
-    assert planner.local_params(cfg, 1, 1) == model.count_params(cfg)
+    assert step_model.local_params(cfg, 1, 1) == count_params(cfg)
 
 
 def test_remat_and_flash_reduce_activation_memory():
-    job = planner.Job(MODEL_PRESETS["afm-3b"], 1, 4096, 16)
-    mem = {r: planner.memory_per_chip(job, planner.Layout(1, 16, 1, 1, r))["activations"]
-           for r in planner.REMATS}
+    job = step_model.Job(MODEL_PRESETS["afm-3b"], 1, 4096, 16)
+    mem = {r: step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, r))["activations"]
+           for r in step_model.REMATS}
     assert mem["full"] < mem["dots"] < mem["none"]
-    flash = planner.memory_per_chip(job, planner.Layout(1, 16, 1, 1, "none"), flash=True)["activations"]
+    flash = step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, "none"), flash=True)["activations"]
     assert flash < mem["none"] / 3  # the T×T scores dominate at T=4096 with the portable attention
 
 
@@ -97,18 +103,18 @@ def _train_step(cfg: ModelConfig, remat: str, unrolled: bool = False):
 
     def logits_fn(params, tokens):
         if not unrolled:
-            return model.forward(params, tokens, cfg, compute_dtype=jnp.float32, remat=remat)
-        # model.forward scans over layers, and XLA's cost analysis counts a loop body once, not
+            return decoder.forward(params, tokens, cfg, compute_dtype=jnp.float32, remat=remat)
+        # decoder.forward scans over layers, and XLA's cost analysis counts a loop body once, not
         # × trip count; the same layers unrolled in Python give the count of the real work.
         x = params["embed"][tokens]
-        cos, sin = model.rope_tables(jnp.arange(tokens.shape[1])[None], cfg.head_dim, cfg.rope_base)
+        cos, sin = decoder.rope_tables(jnp.arange(tokens.shape[1])[None], cfg.head_dim, cfg.rope_base)
         for i in range(cfg.n_layers):
             layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-            x = model.decoder_layer(x, layer, cfg, cos, sin, "xla")
-        return model.unembed(params, model.rms_norm(x, params["final_norm"], cfg.norm_eps), cfg)
+            x = decoder.decoder_layer(x, layer, cfg, cos, sin, "xla")
+        return decoder.unembed(params, decoder.rms_norm(x, params["final_norm"], cfg.norm_eps), cfg)
 
     def step(params, opt_state, tokens):
-        loss_fn = lambda p: model.cross_entropy(logits_fn(p, tokens[:, :-1]), tokens[:, 1:])[0]
+        loss_fn = lambda p: cross_entropy(logits_fn(p, tokens[:, :-1]), tokens[:, 1:])[0]
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -119,7 +125,7 @@ def _train_step(cfg: ModelConfig, remat: str, unrolled: bool = False):
 @functools.cache  # the calibration test runs the step the memory test compiled
 def _compile(cfg: ModelConfig, batch: int, seq: int, remat: str, unrolled: bool = False):
     step, opt = _train_step(cfg, remat, unrolled)
-    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     opt_state = jax.eval_shape(opt.init, params)
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
@@ -136,8 +142,8 @@ def test_memory_estimate_matches_xla(cfg, batch, seq, remat):
     # donated outputs alias their inputs.
     xla = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
            - stats.alias_size_in_bytes)
-    job = planner.Job(cfg, 1, seq, batch, compute_bytes=4)
-    est = planner.memory_per_chip(job, planner.Layout(1, 1, 1, 1, remat))["total"]
+    job = step_model.Job(cfg, 1, seq, batch, compute_bytes=4)
+    est = step_model.memory_per_chip(job, step_model.Layout(1, 1, 1, 1, remat))["total"]
     assert est == pytest.approx(xla, rel=0.20), (est / 1e6, xla / 1e6)
 
 
@@ -153,7 +159,7 @@ def test_memory_estimate_matches_xla_for_the_real_train_step(overrides, batch, s
     # sequence (where one layer's backward is): the estimate must pick the right peak. The old additive
     # model was +54% and +75% off on the first and last of these; the fitted one is within ±10% on 36 shapes.
     cfg = load_config(None, ["model=tiny", *overrides, f"train.batch_size={batch}", f"train.seq_len={seq}",
-                             f"train.remat={remat}", f"train.loss_chunk={loss_chunk}", "train.compute_dtype=float32"])
+                             f"compute.remat={remat}", f"compute.loss_chunk={loss_chunk}", "compute.dtype=float32"])
     trainer = build_trainer(cfg)
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=sharding.batch_sharding(trainer.mesh))
     stats = trainer.step.lower(abstract_state(trainer), tokens).compile().memory_analysis()
@@ -185,10 +191,10 @@ def test_plan_afm_at_fixed_count():
     costs = [r.cost_usd for r in rows]
     assert costs == sorted(costs)
     for r in rows:
-        assert r.layout and r.n_chips == 2048 and r.memory_bytes <= planner.HBM_USABLE * r.hbm_bytes
+        assert r.layout and r.n_chips == 2048 and r.memory_bytes <= step_model.HBM_USABLE * r.hbm_bytes
         assert r.layout.data * r.layout.fsdp * r.layout.tensor == 2048
         assert r.micro_rows * r.layout.data * r.layout.fsdp * r.layout.grad_accum == 4096
-        assert 0 < r.mfu <= planner.DEFAULT_EFFICIENCY + 1e-9
+        assert 0 < r.mfu <= step_model.DEFAULT_EFFICIENCY + 1e-9
         steps = math.ceil(6.3e12 / (4096 * 4096))
         assert r.wall_s == pytest.approx(steps * r.step_s)
         chip = hardware.load_catalog()[r.chip]
@@ -265,7 +271,7 @@ def test_sweep_and_pareto_plot(tmp_path):
 # Calibration
 
 
-def measure_records(cases: list[tuple[ModelConfig, int, int, str]], rounds: int = 6) -> list[dict]:
+def measure_records(cases: list[tuple[ModelConfig, int, int, str]], rounds: int = 6) -> list[BenchRecord]:
     """Time real train steps of (model, seq_len, batch, remat) cases on this CPU: bench-style records.
 
     `step_time_s` is the process CPU time of the fastest step, not wall time: on the shared 2-core
@@ -287,21 +293,20 @@ def measure_records(cases: list[tuple[ModelConfig, int, int, str]], rounds: int 
             state[0], state[1], loss = step(state[0], state[1], tokens)
             jax.block_until_ready(loss)
             best[i] = min(best[i], time.process_time() - t0) if r else math.inf
-    return [{"chip": hardware.detect().key, "device_kind": jax.devices()[0].device_kind,
-             "model": dataclasses.asdict(cfg), "seq_len": seq, "batch_size": batch, "grad_accum": 1,
-             "n_devices": 1, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "remat": remat,
-             "compute_dtype": "float32", "step_time_s": t, "tokens_per_s": batch * seq / t, "mfu": None,
-             "peak_memory_bytes": None} for (cfg, seq, batch, remat), t in zip(cases, best)]
+    return [BenchRecord(chip=hardware.detect().key, device_kind=jax.devices()[0].device_kind, model=cfg,
+                        seq_len=seq, batch_size=batch, n_devices=1, mesh={"data": 1, "fsdp": 1, "tensor": 1},
+                        remat=remat, compute_dtype="float32", step_time_s=t, tokens_per_s=batch * seq / t)
+            for (cfg, seq, batch, remat), t in zip(cases, best)]
 
 
 @pytest.fixture(scope="module")
-def cpu_records() -> list[dict]:
+def cpu_records() -> list[BenchRecord]:
     """Real CPU measurements at two batch sizes; the planner must predict each from the other."""
     return measure_records([(SMALL, 128, 4, "none"), (SMALL, 128, 2, "none")])
 
 
 def test_calibration_predicts_cpu_step_time(cpu_records, tmp_path):
-    report = planner.calibration_report(cpu_records)
+    report = calibration.calibration_report(cpu_records)
     assert [r["fit"] for r in report] == ["leave-one-out", "leave-one-out"]
     for r in report:
         assert r["chip"] == "cpu" and r["predicted_default_s"] is None  # no CPU peak: no default guess
@@ -309,37 +314,43 @@ def test_calibration_predicts_cpu_step_time(cpu_records, tmp_path):
         # batch would be off by -50% / +100%. (From batch 4 to 8 this CPU slows down super-linearly,
         # out of cache, and the error grows to ~35%: a limit of the one-scalar fit.)
         assert abs(r["error_fit"]) < 0.25, r
-    table = planner.format_calibration_table(report).splitlines()
+    table = calibration.format_calibration_table(report).splitlines()
     assert len(table) == 3 and table[1].startswith("cpu")
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps(cpu_records))
+    path.write_text(json.dumps([r.to_json() for r in cpu_records]))
     rows = planner.plan(SMALL, "1e6", 128, ["cpu"], num_chips=1, batch_size=4, calibration=[path])
     assert rows[0].calibrated and rows[0].mfu is None and rows[0].cost_usd is None
-    assert rows[0].step_s == pytest.approx(cpu_records[0]["step_time_s"], rel=0.25)
+    assert rows[0].step_s == pytest.approx(cpu_records[0].step_time_s, rel=0.25)
 
 
 def test_calibration_fit_inverts_the_model():
     catalog = hardware.load_catalog()
-    job = planner.Job(MODEL_PRESETS["1b"], 1, 2048, 256)
-    layout = planner.Layout(2, 32, 1, 2, "dots")
+    job = step_model.Job(MODEL_PRESETS["1b"], 1, 2048, 256)
+    layout = step_model.Layout(2, 32, 1, 2, "dots")
     truth = 0.31 * catalog["h100"].peak_bf16_flops
-    step = planner.step_time(job, catalog["h100"], 64, layout, truth)["step"]
-    record = {"chip": "h100", "model": dataclasses.asdict(job.cfg), "seq_len": 2048, "batch_size": 256,
-              "grad_accum": 2, "n_devices": 64, "mesh": {"data": 2, "fsdp": 32, "tensor": 1}, "remat": "dots",
-              "step_time_s": step}
-    assert planner.fit_sustained([record], catalog)["h100"] == pytest.approx(truth, rel=1e-6)
-    (row,) = planner.calibration_report([record], catalog)
+    step = step_model.step_time(job, catalog["h100"], 64, layout, truth)["step"]
+    record = BenchRecord(chip="h100", model=job.cfg, seq_len=2048, batch_size=256, grad_accum=2, n_devices=64,
+                         mesh={"data": 2, "fsdp": 32, "tensor": 1}, remat="dots", step_time_s=step)
+    assert calibration.fit_sustained([record], catalog)["h100"] == pytest.approx(truth, rel=1e-6)
+    (row,) = calibration.calibration_report([record], catalog)
     assert row["implied_efficiency"] == pytest.approx(0.31, rel=1e-6) and row["fit"] == "in-sample"
     assert row["error_default"] == pytest.approx(
-        planner.step_time(job, catalog["h100"], 64, layout, 0.45 * truth / 0.31)["step"] / step - 1)
+        step_model.step_time(job, catalog["h100"], 64, layout, 0.45 * truth / 0.31)["step"] / step - 1)
 
 
 def test_bad_calibration_input(tmp_path):
+    partial = tmp_path / "partial.json"
+    partial.write_text('{"chip": "h100", "step_time_s": 1.0, "sparsity": 0.5}')
     with pytest.raises(UserError) as excinfo:
-        planner.load_records([{"chip": "h100"}])
-    assert "missing model" in one_line_error(excinfo)
+        calibration.load_records([partial])
+    assert "partial.json: missing model, seq_len" in one_line_error(excinfo)
+    partial.write_text(json.dumps({**calibration.BenchRecord("h100", MODEL_PRESETS["tiny"], 8, 1, 1, {}, "none",
+                                                                 1.0).to_json(), "sparsity": 0.5}))
+    with pytest.raises(UserError) as excinfo:
+        calibration.load_records([partial])
+    assert "unknown field(s) sparsity" in one_line_error(excinfo)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError) as excinfo:
-        planner.load_records([bad])
+        calibration.load_records([bad])
     assert "not valid JSON" in one_line_error(excinfo)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from anychip import portability
+from anychip.check import portability
 from anychip.config import load_config
 
 X = jax.ShapeDtypeStruct((8,), jnp.float32)
@@ -30,8 +30,8 @@ def test_default_config_passes_every_platform():
 
 
 def test_fused_cross_entropy_is_portable():
-    # train.loss_chunk: a scan of plain einsums with a custom VJP; no custom calls, no data-dependent loops.
-    cfg = load_config(None, ["model=tiny", "train.loss_chunk=64", "train.attention=xla"])
+    # compute.loss_chunk: a scan of plain einsums with a custom VJP; no custom calls, no data-dependent loops.
+    cfg = load_config(None, ["model=tiny", "compute.loss_chunk=64", "compute.attention=xla"])
     reports = portability.check(cfg, ["tpu", "neuron"], n_devices=8)
     assert all(r.ok and not r.findings for r in reports), lines(reports, cfg)
 
@@ -41,7 +41,7 @@ def test_dots_remat_keeps_the_flash_attention_forward(remat, forward_calls):
     # The CUDA train step as it lowers (no GPU needed): under the dots policies the cuDNN forward kernel
     # runs once, its outputs kept for the backward kernel; only 'full' runs it again. Running it twice
     # costs an extra attention forward per layer (8% of a 350m step's counted FLOPs at T=2048).
-    cfg = load_config(None, ["model=tiny", "train.attention=cudnn", f"train.remat={remat}",
+    cfg = load_config(None, ["model=tiny", "compute.attention=cudnn", f"compute.remat={remat}",
                              "mesh.fsdp=1"])
     text = portability.module_text(portability.export(*portability.step_and_inputs(cfg, 1, concrete=True),
                                                       "cuda"))
@@ -50,7 +50,7 @@ def test_dots_remat_keeps_the_flash_attention_forward(remat, forward_calls):
 
 
 def test_cudnn_attention_is_reported_for_cuda_and_fails_elsewhere():
-    cfg = load_config(None, ["model=tiny", "train.attention=cudnn"])
+    cfg = load_config(None, ["model=tiny", "compute.attention=cudnn"])
     cuda, tpu, neuron = portability.check(cfg, ["cuda", "tpu", "neuron"], n_devices=8)
     assert cuda.ok and any("@__cudnn$fmha" in f.message and not f.fatal for f in cuda.findings)
     for report in (tpu, neuron):
@@ -60,7 +60,7 @@ def test_cudnn_attention_is_reported_for_cuda_and_fails_elsewhere():
 
 
 def test_cli_exit_code_and_one_line_per_problem(tmp_path):
-    cmd = [sys.executable, "-m", "anychip.cli", "check", "model=tiny", "train.attention=cudnn", "--platforms",
+    cmd = [sys.executable, "-m", "anychip.cli", "check", "model=tiny", "compute.attention=cudnn", "--platforms",
            "cpu", "--target", "neuron"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 1, r.stderr

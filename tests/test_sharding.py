@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from anychip import memory, sharding
 from anychip.config import MODEL_PRESETS, DistributedConfig, MeshConfig, load_config
 from anychip.errors import UserError
-from anychip.model import param_axes, param_shapes
+from anychip.model.params import param_axes, param_shapes
+from anychip.parallel import distributed
+from anychip.parallel import mesh as sharding
+from anychip.train import memory
 
 HERE = Path(__file__).parent
 
@@ -150,14 +152,14 @@ def test_one_process_reads_the_whole_batch():
 
 def test_distributed_settings_come_from_config_then_environment():
     env = {"ANYCHIP_COORDINATOR": "10.0.0.1:1234", "ANYCHIP_NUM_PROCESSES": "4", "ANYCHIP_PROCESS_ID": "3"}
-    assert sharding.distributed_args(DistributedConfig(), env) == {
+    assert distributed.distributed_args(DistributedConfig(), env) == {
         "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
     cfg = load_config(None, ["distributed.coordinator_address=host:9", "distributed.num_processes=2",
                              "distributed.process_id=1"]).distributed
-    assert sharding.distributed_args(cfg, env) == {"coordinator_address": "host:9", "num_processes": 2,
+    assert distributed.distributed_args(cfg, env) == {"coordinator_address": "host:9", "num_processes": 2,
                                                    "process_id": 1}
     with pytest.raises(UserError, match="ANYCHIP_PROCESS_ID"):
-        sharding.distributed_args(DistributedConfig(), {"ANYCHIP_PROCESS_ID": "one"})
+        distributed.distributed_args(DistributedConfig(), {"ANYCHIP_PROCESS_ID": "one"})
     with pytest.raises(UserError, match="process_id"):
         load_config(None, ["distributed.num_processes=2", "distributed.process_id=2"])
 
@@ -171,20 +173,20 @@ def test_distributed_settings_come_from_config_then_environment():
     ({"TPU_WORKER_HOSTNAMES": "t0,t1", "MEGASCALE_NUM_SLICES": "2"}, 4),
 ])
 def test_launcher_detection(env, n):
-    assert sharding.launched_processes(env) == n
+    assert distributed.launched_processes(env) == n
 
 
 def test_single_process_runs_do_not_start_jax_distributed():
     # The backend is already up in this test process: a call to jax.distributed.initialize would raise.
-    assert sharding.initialize_distributed(DistributedConfig(), environ={}) is False
+    assert distributed.initialize_distributed(DistributedConfig(), environ={}) is False
     launched = {"ANYCHIP_COORDINATOR": "h:1", "OMPI_COMM_WORLD_SIZE": "2"}
-    assert sharding.initialize_distributed(DistributedConfig(initialize="never"), environ=launched) is False
+    assert distributed.initialize_distributed(DistributedConfig(initialize="never"), environ=launched) is False
 
 
 def test_compile_cache_can_be_disabled():
-    assert sharding.enable_compile_cache(None) is None
-    assert sharding.enable_compile_cache("none") is None
-    assert load_config(None, ["train.compile_cache_dir=null"]).train.compile_cache_dir is None
+    assert distributed.enable_compile_cache(None) is None
+    assert distributed.enable_compile_cache("none") is None
+    assert load_config(None, ["compute.compile_cache_dir=null"]).compute.compile_cache_dir is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_auto_fit_trades_remat_and_microbatches_for_memory(monkeypatch):
         monkeypatch.setattr(memory, "device_memory", lambda gib=gib: (gib * 2**30, "test"))
         fitted = memory.auto_fit(cfg, 8, lambda _: None)
         assert memory.estimate(fitted, {"data": 1, "fsdp": 8, "tensor": 1})["total"] <= gib * 2**30
-        picks[gib] = (fitted.train.remat, fitted.train.grad_accum)
+        picks[gib] = (fitted.compute.remat, fitted.train.grad_accum)
     assert picks[80] != picks[16] and picks[16][0] == "full"
     monkeypatch.setattr(memory, "device_memory", lambda: (2 * 2**30, "test"))
     with pytest.raises(UserError, match="nothing fits"):

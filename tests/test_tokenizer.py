@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from anychip.errors import UserError
-from anychip.tokenizer import (
+from anychip.data.tokenizer import (
     EOT,
     eot_id,
     load_tokenizer,
@@ -15,6 +14,7 @@ from anychip.tokenizer import (
     tokenizer_hash,
     train_tokenizer,
 )
+from anychip.errors import UserError
 
 _rng = random.Random(0)
 CORPUS = [

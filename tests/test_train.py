@@ -7,22 +7,22 @@ import sys
 import pytest
 
 from anychip.config import load_config
-from anychip.metrics import read_metrics
-from anychip.train import train
+from anychip.train.loop import train
+from anychip.train.run_dir import RunDir
 
-TINY_RUN = ["model=tiny", "train.batch_size=8", "train.seq_len=64", "train.log_every=10", "train.eval_batches=4",
-            "train.sample_tokens=0", "optim.warmup_steps=10"]
+TINY_RUN = ["model=tiny", "train.batch_size=8", "train.seq_len=64", "log.every=10", "eval.batches=4",
+            "eval.sample_tokens=0", "optim.warmup_steps=10"]
 
 
 def test_loss_falls_within_a_few_hundred_tiny_steps(small_corpus, tmp_path):
     cfg = load_config(None, [*TINY_RUN, f"data.path={small_corpus}", f"run_dir={tmp_path / 'run'}",
-                             "train.steps=200", "train.eval_every=100", "checkpoint.every_steps=0"])
-    summary = train(cfg, log=lambda _: None)
+                             "train.steps=200", "eval.every=100", "checkpoint.every_steps=0"])
+    result = train(cfg, log=lambda _: None)
     # A uniform guess over 512 tokens costs ln(512) = 6.24 nats; the held-out loss starts there and
     # a working model + optimizer learns code structure well below 4.5 nats in 200 steps.
-    assert summary["initial_eval_loss"] > 6.0
-    assert summary["eval_loss"] < 4.5
-    rows = read_metrics(tmp_path / "run")
+    assert result.initial_eval.loss > 6.0
+    assert result.final_eval.loss < 4.5
+    rows = RunDir(tmp_path / "run").read_metrics()
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows][:3] == [1, 10, 20]
     for r in train_rows:
@@ -35,10 +35,10 @@ def test_grad_accumulation_matches_the_full_batch(small_corpus, tmp_path):
     losses = {}
     for accum in (1, 4):
         cfg = load_config(None, [*TINY_RUN, f"data.path={small_corpus}", f"run_dir={tmp_path / str(accum)}",
-                                 "train.steps=3", "train.log_every=1", f"train.grad_accum={accum}",
-                                 "train.compute_dtype=float32", "checkpoint.every_steps=0"])
+                                 "train.steps=3", "log.every=1", f"train.grad_accum={accum}",
+                                 "compute.dtype=float32", "checkpoint.every_steps=0"])
         train(cfg, log=lambda _: None)
-        losses[accum] = [r["loss"] for r in read_metrics(tmp_path / str(accum)) if "loss" in r]
+        losses[accum] = [r["loss"] for r in RunDir(tmp_path / str(accum)).read_metrics() if "loss" in r]
     # Same data, same mean gradient: only fp32 summation order differs (~1e-6 relative).
     assert losses[1] == pytest.approx(losses[4], rel=1e-4)
 
@@ -58,7 +58,7 @@ def test_cli_prepare_train_eval_generate_report(tmp_path, small_corpus):
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 12
 
-    r = anychip("train", *TINY_RUN, "train.steps=30", "train.eval_every=15", "model.vocab_size=300",
+    r = anychip("train", *TINY_RUN, "train.steps=30", "eval.every=15", "model.vocab_size=300",
                 f"data.path={tmp_path / 'data'}", "run_dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "held-out loss" in r.stdout and (tmp_path / "run" / "config.yaml").is_file()
@@ -67,7 +67,7 @@ def test_cli_prepare_train_eval_generate_report(tmp_path, small_corpus):
     r = anychip("eval", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     loss = float(r.stdout.split("held-out loss ")[1].split()[0])
-    last = [row for row in read_metrics(tmp_path / "run") if "eval_loss" in row][-1]
+    last = [row for row in RunDir(tmp_path / "run").read_metrics() if "eval_loss" in row][-1]
     assert loss == pytest.approx(last["eval_loss"], abs=6e-5)  # same checkpoint and data; printed to 4 decimals
 
     r = anychip("generate", "run", "--prompt", "def f", "--max-new-tokens", 20, "--temperature", 0, cwd=tmp_path)
@@ -106,7 +106,7 @@ def test_user_errors_exit_2_with_one_line(args, fragment, tmp_path, small_corpus
 
 def test_tensorboard_events_mirror_the_metrics(small_corpus, tmp_path):
     cfg = load_config(None, [*TINY_RUN, f"data.path={small_corpus}", f"run_dir={tmp_path / 'run'}",
-                             "train.steps=3", "train.log_every=1", "train.tensorboard=true"])
+                             "train.steps=3", "log.every=1", "log.tensorboard=true"])
     train(cfg, log=lambda _: None)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1

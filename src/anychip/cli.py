@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,44 +23,50 @@ def load_config_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from anychip.generate import generate_text
-    from anychip.preemption import Preempted
-    from anychip.train import train
+    if args.help_config:
+        from anychip.config import describe
+
+        print("\n".join(describe()).strip("\n"))
+        return 0
+    from anychip.model.generate import generate_text
+    from anychip.train.loop import train
+    from anychip.train.preemption import Preempted
 
     t0 = time.perf_counter()
     cfg = load_config_args(args)
     try:
-        summary = train(cfg)
-    except Preempted as e:  # SIGTERM/SIGINT: 75 = checkpoint written, rerun to resume (README)
+        result = train(cfg)
+    except Preempted as e:  # SIGTERM/SIGINT: 75 = checkpoint written, rerun to resume (docs/resume.md)
         print(f"anychip: {e}", file=sys.stderr)
         return e.exit_code
     import jax  # after train(): jax.distributed must start before anything asks for devices
 
     if jax.process_index() != 0:  # process 0 speaks for the run
         return 0
-    print(f"done in {time.perf_counter() - t0:.0f}s: {summary['steps']} steps, held-out loss "
-          f"{summary['initial_eval_loss'] or float('nan'):.3f} -> {summary['eval_loss']:.3f} "
-          f"(perplexity {summary['perplexity']:.1f}, {summary['bits_per_byte']:.3f} bits/byte); "
-          f"run saved in {summary['run_dir']}")
-    ledger = summary["ledger"]
-    price = "price unknown (set train.price_per_hour)" if ledger["cost_usd"] is None else (
+    final, start = result.final_eval, result.initial_eval.loss if result.initial_eval else float("nan")
+    print(f"done in {time.perf_counter() - t0:.0f}s: {result.steps} steps, held-out loss {start:.3f} -> "
+          f"{final.loss:.3f} (perplexity {final.perplexity:.1f}, {final.bits_per_byte:.3f} bits/byte); "
+          f"run saved in {result.run_dir}")
+    ledger = result.ledger
+    price = "price unknown (set log.price_per_hour)" if ledger["cost_usd"] is None else (
         f"${ledger['cost_usd']:.4f} at ${ledger['price_per_hour']:.2f}/chip-hour, "
         f"${ledger['usd_per_mtok']:.4f} per million tokens")
     print(f"cost: {ledger['chip_hours']:.4f} chip-hours of {ledger['chip']}, {price}")
-    if cfg.train.sample_tokens and jax.process_count() > 1:
+    if cfg.eval.sample_tokens and jax.process_count() > 1:
         print("(no sample: params span several processes; run `anychip generate RUN_DIR` on one host)")
-    elif cfg.train.sample_tokens:
-        from anychip.tokenizer import load_tokenizer
+    elif cfg.eval.sample_tokens:
+        from anychip.data.tokenizer import load_tokenizer
+        from anychip.train.run_dir import RunDir
 
-        tokenizer = load_tokenizer(os.path.join(summary["run_dir"], "tokenizer.json"))
-        text = generate_text(summary["params"], cfg.model, tokenizer, args.sample_prompt,
-                             max_new_tokens=cfg.train.sample_tokens, temperature=0.7, top_k=40, seed=0)
+        tokenizer = load_tokenizer(RunDir(result.run_dir).tokenizer)
+        text = generate_text(result.params, cfg.model, tokenizer, args.sample_prompt,
+                             max_new_tokens=cfg.eval.sample_tokens, temperature=0.7, top_k=40, seed=0)
         print(f"--- sample (temperature 0.7, top-k 40) ---\n{text}\n---")
     return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from anychip.data import prepare
+    from anychip.data.prepare import prepare
 
     manifest = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, text_field=args.text_field,
@@ -73,17 +78,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from anychip.train import evaluate_run
+    from anychip.train.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, args.data, args.batches)
-    print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-          f"bits per byte {result['bits_per_byte']:.4f} | {result['eval_tokens']:,} tokens")
+    print(f"held-out loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | "
+          f"bits per byte {result.bits_per_byte:.4f} | {result.tokens:,} tokens")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from anychip.generate import generate_text
-    from anychip.train import load_run
+    from anychip.model.generate import generate_text
+    from anychip.train.run_dir import load_run
 
     cfg, params, tokenizer = load_run(args.run_dir)
     print(generate_text(params, cfg.model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -92,19 +97,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from anychip.report import plot_run
+    from anychip.train.report import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anychip.bench import format_profile, format_record, run_bench, write_record
+    from anychip.check.bench import format_profile, format_record, run_bench, write_record
 
     record = run_bench(load_config_args(args), steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
     print(format_record(record))
-    if args.profile:
-        print(format_profile(record["profile"]))
+    if record.profile:
+        print(format_profile(record.profile))
     if args.json:
         write_record(record, args.json)
         print(f"wrote {args.json}")
@@ -112,14 +117,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from anychip.hf import export_hf
+    from anychip.interop.hf import export_hf
 
     print(f"wrote a Hugging Face checkpoint to {export_hf(args.run_dir, args.out)}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from anychip.hf import import_hf
+    from anychip.interop.hf import import_hf
 
     run_dir = import_hf(args.hf_dir, args.out, extend_with=args.extend_with, extra_tokens=args.extra_tokens)
     print(f"imported {args.hf_dir} into {run_dir}; continue pretraining with: anychip train "
@@ -129,7 +134,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Lower and serialize the train step for each platform; exit 1 if any check fails."""
-    from anychip.portability import check, format_report
+    from anychip.check.portability import check, format_report
 
     cfg = load_config_args(args)
     platforms = list(dict.fromkeys([p.strip() for p in args.platforms.split(",") if p.strip()] + args.target))
@@ -142,14 +147,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_hardware(args: argparse.Namespace) -> int:
-    from anychip.hardware import format_catalog_table, load_catalog
+    from anychip.cost.hardware import format_catalog_table, load_catalog
 
     print(format_catalog_table(load_catalog(args.prices or [])))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from anychip import planner
+    from anychip.cost import calibration, planner
 
     chips = args.chips.split(",") if args.chips else None
     common = {"batch_size": args.batch_size, "prices": args.prices or [], "calibration": args.calibration or []}
@@ -157,9 +162,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         deadline=args.deadline, budget=args.budget, remats=args.remat.split(","), **common)
     print(planner.format_plan_table(rows))
     if args.calibration:
-        records = planner.load_records(args.calibration)
+        records = calibration.load_records(args.calibration)
         print("\ncalibration (step time predicted vs measured):")
-        print(planner.format_calibration_table(planner.calibration_report(records)))
+        print(calibration.format_calibration_table(calibration.calibration_report(records)))
     if args.plot:
         rows = planner.sweep(args.model, args.tokens, args.seq_len, chips, **common)
         print(f"wrote {planner.pareto_plot(rows, args.plot, f'{args.model}, {args.tokens} tokens')}")
@@ -174,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="a YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=350m train.steps=2000")
     p.add_argument("--sample-prompt", default="def ", help="prompt of the sample printed at the end")
+    p.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
     p.set_defaults(handler=cmd_train)
 
     data = sub.add_parser("data", help="prepare corpora").add_subparsers(dest="data_command", required=True)

@@ -1,15 +1,24 @@
-"""Typed run configuration: dataclasses, named model presets, YAML files and dotted overrides.
+"""Typed run configuration: one dataclass per component, named model presets, YAML files and dotted overrides.
 
 A config is plain data. It is built from (in order) the defaults, an optional YAML file, then
 `key=value` overrides such as `model=350m train.steps=2000 run_dir=runs/a`. Values are parsed
 with `yaml.safe_load` (data only, never code) and checked against the field's type. Every
 section validates itself in `__post_init__`, so a bad value fails before any compute.
+
+Every field carries a docstring (the string literal under it); `anychip train --help-config` prints
+them with the defaults (`describe`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import itertools
+import json
+import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -19,25 +28,39 @@ from typing import Any, Literal
 import yaml
 
 from anychip.errors import UserError, require
+from anychip.files import read_text, write_text_atomic
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama/AFM-class decoder. `head_dim` is derived: d_model / n_heads."""
+    """Shape of a Llama/AFM-class decoder (`model.NAME` or a preset: `model=350m`)."""
 
     name: str = "demo"
+    """A label for the model (a preset's name unless set)."""
     vocab_size: int = 8192
+    """Rows of the embedding table; at least the tokenizer's vocabulary."""
     d_model: int = 192
+    """Width of the residual stream."""
     n_layers: int = 4
+    """Decoder blocks."""
     n_heads: int = 6
+    """Query heads; head_dim = d_model / n_heads."""
     n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); divides n_heads."""
     d_ff: int = 512
+    """Hidden width of the SwiGLU MLP."""
     max_seq_len: int = 1024
+    """Longest sequence the model is trained or sampled at."""
     rope_base: float = 10000.0
+    """RoPE base frequency (theta)."""
     norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
     qk_norm: bool = False
+    """RMSNorm of each head's q and k before RoPE (AFM, Qwen3)."""
     tie_embeddings: bool = True
+    """The output projection is the embedding table's transpose."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of matrices."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -98,11 +121,14 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from. `path=None` means the built-in corpus: this Python's standard library."""
+    """Where the training tokens come from."""
 
     path: str | None = None
+    """A data dir made by `anychip data prepare`; null = the built-in corpus (this Python's standard library)."""
     cache_dir: str = "~/.cache/anychip"
+    """Where the built-in corpus is prepared once."""
     verify_checksums: bool = True
+    """Check every shard's SHA-256 against the manifest when training starts."""
 
     def __post_init__(self) -> None:
         require(self.path is None or self.path != "", "data.path must be a directory or null")
@@ -113,15 +139,25 @@ class OptimConfig:
     """AdamW with warmup then cosine (or warmup-stable-decay, or constant), gradient clipping."""
 
     lr: float = 3e-3
+    """Peak learning rate."""
     min_lr_ratio: float = 0.1
+    """The schedule ends at lr × min_lr_ratio."""
     warmup_steps: int = 30
+    """Linear warmup steps."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay, warmup-stable-decay (linear cool-down at the end), or constant."""
     decay_fraction: float = 0.2
+    """wsd: share of the steps after warmup spent cooling down."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay of matrices (norm gains are never decayed)."""
     b1: float = 0.9
+    """AdamW first-moment decay."""
     b2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
 
     def __post_init__(self) -> None:
         require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
@@ -130,58 +166,105 @@ class OptimConfig:
         require(0 < self.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+        require(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
         require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The loop: batch geometry, precision, logging, evaluation and checkpoint cadence."""
+    """What is trained: steps, batch geometry, the seed of the data order and init, the objective."""
 
     steps: int = 300
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
     batch_size: int = 8
+    """Sequences per optimizer step (the global batch, over all devices)."""
     seq_len: int = 256
+    """Tokens per sequence."""
     grad_accum: int = 1
+    """Microbatches per step: each is batch_size / grad_accum sequences."""
     seed: int = 0
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    """Seeds the parameter init and the data order (the batch of step s is a function of seed and s)."""
     z_loss: float = 0.0
-    # Sequence positions per chunk of the fused unembedding + cross-entropy (kernels/cross_entropy.py), which
-    # never holds the whole batch's fp32 logits; 0 = the reference path, which materialises them.
-    loss_chunk: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    tensorboard: bool = False
-    sample_tokens: int = 120
-    # $ per chip-hour for the cost ledger; null = the catalog's on-demand price for the detected chip.
-    price_per_hour: float | None = None
-    # Pick grad_accum (microbatch size) and remat so the step fits device memory (see sharding.auto_fit).
+    """Weight of the z-loss, mean(logsumexp²) (PaLM): keeps the softmax normaliser near 1."""
     auto_fit: bool = False
-    # Persistent XLA compilation cache; null or "none" disables it.
-    compile_cache_dir: str | None = "~/.cache/anychip/xla"
-    # A step whose loss or gradient is NaN/Inf is skipped inside the step (params and optimizer state
-    # unchanged). After `nonfinite_patience` skipped steps in a row: "restore" the newest checkpoint from
-    # before them with the learning rate times `nonfinite_lr_factor`, or "stop". 0 = only skip.
-    nonfinite_patience: int = 3
-    nonfinite_action: Literal["restore", "stop"] = "restore"
-    nonfinite_lr_factor: float = 0.5
+    """Pick grad_accum and compute.remat so the step fits device memory (train/memory.py)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        require(self.nonfinite_patience >= 0, "train.nonfinite_patience must be >= 0 (0 = only skip)")
-        require(0 < self.nonfinite_lr_factor <= 1, "train.nonfinite_lr_factor must be in (0, 1]")
+        require(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
         require(
             self.batch_size % self.grad_accum == 0,
             f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size}",
         )
         require(self.z_loss >= 0, f"train.z_loss must be >= 0, got {self.z_loss}")
-        require(self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
-                f"train.loss_chunk={self.loss_chunk} must be 0 (off) or divide train.seq_len={self.seq_len}")
-        require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
-        require(self.price_per_hour is None or self.price_per_hour >= 0, "train.price_per_hour must be >= 0")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the step is computed: precision, kernels, what the backward recomputes, compilation."""
+
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Matmul compute dtype (accumulation, the loss and softmax statistics stay fp32)."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Master weights (and AdamW state) dtype."""
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    """What the backward pass recomputes: nothing, everything, or all but matmul (and flash-attention) outputs."""
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    """Attention kernel: auto picks the chip's fast path; xla is the portable reference."""
+    loss_chunk: int = 0
+    """Positions per chunk of the fused unembedding + cross-entropy, which never holds the whole batch's
+    logits (model/loss.py); 0 = the reference path."""
+    compile_cache_dir: str | None = "~/.cache/anychip/xla"
+    """Persistent XLA compilation cache; null disables it."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during training, and the sample printed at the end."""
+
+    every: int = 100
+    """Evaluate the held-out split every N steps (and at the start and the end)."""
+    batches: int = 8
+    """Batches of batch_size sequences per evaluation."""
+    sample_tokens: int = 120
+    """Tokens of the sample `anychip train` prints at the end (0 = none)."""
+
+    def __post_init__(self) -> None:
+        require(self.every > 0 and self.batches > 0, "eval.every and eval.batches must be positive")
+        require(self.sample_tokens >= 0, "eval.sample_tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The step log: metrics.jsonl, progress lines, TensorBoard, the cost ledger."""
+
+    every: int = 10
+    """Write a metrics row and a progress line every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (pip install 'anychip[tensorboard]')."""
+    price_per_hour: float | None = None
+    """$ per chip-hour for the cost ledger; null = the catalog's on-demand price of the detected chip."""
+
+    def __post_init__(self) -> None:
+        require(self.every > 0, f"log.every must be positive, got {self.every}")
+        require(self.price_per_hour is None or self.price_per_hour >= 0, "log.price_per_hour must be >= 0")
+
+
+@dataclass(frozen=True)
+class NonFiniteConfig:
+    """A step whose loss or gradient is NaN/Inf changes nothing; after `patience` in a row, act."""
+
+    patience: int = 3
+    """Skipped steps in a row before `action` (0 = only skip)."""
+    action: Literal["restore", "stop"] = "restore"
+    """restore: the newest checkpoint from before them, with a lower learning rate; stop: end the run."""
+    lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each restore."""
+
+    def __post_init__(self) -> None:
+        require(self.patience >= 0, "nonfinite.patience must be >= 0 (0 = only skip)")
+        require(0 < self.lr_factor <= 1, "nonfinite.lr_factor must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -189,8 +272,11 @@ class MeshConfig:
     """Device mesh axis sizes; -1 takes the devices left over (at most one axis may be -1)."""
 
     data: int = 1
+    """Data parallelism: parameters replicated, gradients all-reduced."""
     fsdp: int = -1
+    """Fully sharded data parallelism (ZeRO-3): parameters, gradients and optimizer state split."""
     tensor: int = 1
+    """Tensor parallelism (Megatron): heads, MLP hidden and vocabulary split."""
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
@@ -200,20 +286,19 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Multi-process start-up through `jax.distributed.initialize` (see README "Scaling out").
-
-    `initialize`: "auto" starts it when a coordinator is given (here or in ANYCHIP_COORDINATOR) or a
-    launcher started several processes (SLURM, Open MPI, multi-host Cloud TPU environment variables);
-    "always" starts it, leaving what is unset to JAX's cluster auto-detection (SLURM, Open MPI,
-    Cloud TPU, Kubernetes with jax[k8s]); "never" does not (not on/off: YAML reads those as booleans).
-    Unset fields fall back to ANYCHIP_COORDINATOR, ANYCHIP_NUM_PROCESSES and ANYCHIP_PROCESS_ID.
-    """
+    """Multi-process start-up through `jax.distributed.initialize` (docs/scaling-out.md)."""
 
     initialize: Literal["auto", "always", "never"] = "auto"
+    """auto: when a coordinator is given or a launcher (SLURM, Open MPI, Cloud TPU) started several
+    processes; always: let JAX detect the cluster; never (not on/off: YAML reads those as booleans)."""
     coordinator_address: str | None = None
+    """host:port of process 0 (else ANYCHIP_COORDINATOR)."""
     num_processes: int | None = None
+    """Processes in the job (else ANYCHIP_NUM_PROCESSES)."""
     process_id: int | None = None
+    """This process's index (else ANYCHIP_PROCESS_ID)."""
     timeout_s: int = 300
+    """Seconds to wait for every process to join."""
 
     def __post_init__(self) -> None:
         require(self.num_processes is None or self.num_processes > 0, "distributed.num_processes must be > 0")
@@ -226,24 +311,27 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """When checkpoints are written and kept, how runs resume and stop (README "Resuming and preemption").
-
-    `resume`: "auto" continues from the newest complete checkpoint of run_dir, "never" refuses to
-    start where checkpoints exist, a step number restarts from that checkpoint (newer ones are moved
-    to checkpoints.rewound/, not deleted). `grace_s`: after SIGTERM/SIGINT, time allowed to finish the
-    step and write a checkpoint before the process exits anyway. `verify`: fingerprint every array at
-    save and check it at restore (catches silent corruption; milliseconds on accelerators, ~1 s/GB on CPU).
-    """
+    """When checkpoints are written and kept, how runs resume and stop (docs/resume.md)."""
 
     every_steps: int = 200
+    """Save every N steps (0: only at the end and when stopped)."""
     every_minutes: float = 0.0
+    """Also save when this much time passed since the last save (0: off)."""
     keep: int = 3
+    """Keep the newest N checkpoints ..."""
     keep_every: int = 0
+    """... plus every checkpoint whose step is a multiple of this, forever (0: none)."""
     async_save: bool = True
+    """Write checkpoints in the background."""
     resume: str = "auto"
+    """auto: the newest complete checkpoint; never: refuse to start where checkpoints exist; a step
+    number: restart from that checkpoint (newer ones move to checkpoints.rewound/)."""
     on_save_error: Literal["continue", "stop"] = "stop"
+    """A checkpoint that cannot be written: stop the run, or continue with a warning."""
     grace_s: float = 25.0
+    """After SIGTERM/SIGINT, seconds to finish the step and write the checkpoint before exiting anyway."""
     verify: bool = True
+    """Fingerprint arrays at save and check them at restore (silent corruption; ~1 s/GB on CPU)."""
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = only at the end)")
@@ -252,26 +340,92 @@ class CheckpointConfig:
         require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = off)")
         require(self.grace_s > 0, f"checkpoint.grace_s must be positive, got {self.grace_s}")
         require(self.resume in ("auto", "never") or self.resume.isdigit(),
-                 f"checkpoint.resume must be auto, never or a step number, got {self.resume!r}")
+                f"checkpoint.resume must be auto, never or a step number, got {self.resume!r}")
 
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder's shape."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch and objective."""
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    """Precision, kernels, remat."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+    """The NaN/Inf guard."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    """The device mesh."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Multi-process start-up."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints, resume and stopping."""
     run_dir: str = "runs/default"
+    """Where the run's config, tokenizer, metrics and checkpoints live."""
     init_from: str | None = None
+    """A run directory whose newest parameters start this run (continued pretraining); optimizer state is fresh."""
 
     def __post_init__(self) -> None:
         require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+        require(self.compute.loss_chunk >= 0 and (self.compute.loss_chunk == 0
+                                                  or self.train.seq_len % self.compute.loss_chunk == 0),
+                f"compute.loss_chunk={self.compute.loss_chunk} must be 0 (off) or divide "
+                f"train.seq_len={self.train.seq_len}")
+
+
+# Keys that moved to another section: an old config file or override gets told where they went.
+MOVED = {
+    "train.compute_dtype": "compute.dtype", "train.param_dtype": "compute.param_dtype",
+    "train.remat": "compute.remat", "train.attention": "compute.attention",
+    "train.loss_chunk": "compute.loss_chunk", "train.compile_cache_dir": "compute.compile_cache_dir",
+    "train.eval_every": "eval.every", "train.eval_batches": "eval.batches",
+    "train.sample_tokens": "eval.sample_tokens", "train.log_every": "log.every",
+    "train.tensorboard": "log.tensorboard", "train.price_per_hour": "log.price_per_hour",
+    "train.nonfinite_patience": "nonfinite.patience", "train.nonfinite_action": "nonfinite.action",
+    "train.nonfinite_lr_factor": "nonfinite.lr_factor",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Field docstrings
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring}: the string literal under each field of a config dataclass's source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe(cls: type = Config, prefix: str = "", base: Any = None) -> list[str]:
+    """`key = default  # docstring` per setting, section by section: `anychip train --help-config`."""
+    base = cls() if base is None else base
+    types_, docs, lines, sections = _field_types(cls), field_docs(cls), [], []
+    for f in fields(cls):
+        value, annotation = getattr(base, f.name), types_[f.name]
+        if dataclasses.is_dataclass(annotation):
+            sections += ["", f"{prefix}{f.name}: {annotation.__doc__.splitlines()[0]}"]
+            sections += describe(annotation, f"{prefix}{f.name}.", value)
+        else:
+            lines.append(f"  {prefix}{f.name} = {json.dumps(value)}  # {docs.get(f.name, '')}")
+    return lines + sections
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +463,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         require(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: expected a number, got {value!r}"
         )
+        require(math.isfinite(float(value)), f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         require(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key}: expected text")
@@ -327,6 +482,8 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str) -> UserError:
+    if key in MOVED:
+        return UserError(f"config key '{key}' is now '{MOVED[key]}'")
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown config key '{key}'{hint}")
@@ -415,7 +572,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         require(path.is_file(), f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(read_text(path, "config file"))
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         require(loaded is None or isinstance(loaded, dict), f"{path}: expected a mapping at the top level")
@@ -429,7 +586,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def replace(config: Config, **sections: Any) -> Config:

@@ -10,22 +10,22 @@ matplotlib.use("Agg")  # files only: CI and servers have no display
 import matplotlib.pyplot as plt
 
 from anychip.errors import UserError
-from anychip.metrics import read_metrics
+from anychip.train.run_dir import RunDir
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN_DIR/report.png (or `out`): loss curves on top, tokens/s (and MFU) below."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    records = run.read_metrics()
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     if not train and not evals:
-        raise UserError(f"{run_dir} has no metrics to plot (no metrics.jsonl rows)")
+        raise UserError(f"{run} has no metrics to plot (no metrics.jsonl rows)")
     fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
     ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
-    ax_loss.set_title(f"anychip run {run_dir.name}")
+    ax_loss.set_title(f"anychip run {run.path.name}")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     # Step 1's row includes one-time warm-up (first execution, allocation): it would flatten the axis.
@@ -40,7 +40,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax_mfu = ax_speed.twinx()
         ax_mfu.plot(*zip(*mfus), color="tab:purple", ls="--")
         ax_mfu.set_ylabel("MFU (%)", color="tab:purple")
-    out = Path(out) if out else run_dir / "report.png"
+    out = Path(out) if out else run.report
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -14,8 +14,8 @@ weights and activations alike, so attention and the MLP need one all-reduce each
     fsdp        embed                         batch
     tensor      heads, kv_heads, mlp, vocab   heads, kv_heads, mlp, vocab
 
-Single-process runs use the local devices; multi-process runs call `initialize_distributed` first
-(see README "Scaling out"), after which `jax.devices()` spans every process and the same code runs.
+Single-process runs use the local devices; multi-process runs call `distributed.initialize_distributed`
+first, after which `jax.devices()` spans every process and the same code runs.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import contextlib
 import contextvars
 import functools
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,7 +32,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from anychip.config import DistributedConfig, MeshConfig
+from anychip.config import MeshConfig
 from anychip.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -249,84 +247,3 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Ar
     if jax.process_count() == 1:
         return jax.device_put(local_rows, sharding)
     return jax.make_array_from_process_local_data(sharding, local_rows, shape)
-
-
-def is_main_process() -> bool:
-    """Process 0 alone writes run files (config, metrics, reports); orbax coordinates checkpoints itself."""
-    return jax.process_index() == 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Process start-up: jax.distributed and the compilation cache
-
-DISTRIBUTED_ENV = {
-    "coordinator_address": "ANYCHIP_COORDINATOR",
-    "num_processes": "ANYCHIP_NUM_PROCESSES",
-    "process_id": "ANYCHIP_PROCESS_ID",
-}
-
-
-def distributed_args(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """jax.distributed.initialize arguments: the config's, else ANYCHIP_* environment variables."""
-    args: dict[str, Any] = {}
-    for name, var in DISTRIBUTED_ENV.items():
-        value = getattr(cfg, name)
-        if value is None and environ.get(var):
-            value = environ[var]
-            if name != "coordinator_address":
-                try:
-                    value = int(value)
-                except ValueError:
-                    raise UserError(f"{var}={value!r} is not an integer") from None
-        if value is not None:
-            args[name] = value
-    return args
-
-
-def launched_processes(environ: Mapping[str, str] = os.environ) -> int:
-    """How many processes a launcher says it started (1 if none): SLURM srun, Open MPI, Cloud TPU on GKE."""
-    if "SLURM_STEP_NODELIST" in environ and "SLURM_PROCID" in environ:  # inside an srun step
-        return int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")))
-    if "OMPI_COMM_WORLD_SIZE" in environ:
-        return int(environ["OMPI_COMM_WORLD_SIZE"])
-    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
-    slices = int(environ.get("MEGASCALE_NUM_SLICES") or 1)
-    return len(hosts.split(",")) * slices if hosts else slices
-
-
-def initialize_distributed(cfg: DistributedConfig, log: Callable[[str], None] = print,
-                           environ: Mapping[str, str] = os.environ) -> bool:
-    """Start jax.distributed when configured or launched multi-process; True if it is running.
-
-    Must run before anything touches a JAX backend (jax.devices(), any computation).
-    """
-    if cfg.initialize == "never":
-        return False
-    if jax.distributed.is_initialized():
-        return True
-    args = distributed_args(cfg, environ)
-    if cfg.initialize == "auto" and "coordinator_address" not in args and launched_processes(environ) <= 1:
-        return False
-    if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU collectives across processes
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(**args, initialization_timeout=cfg.timeout_s)
-    except ValueError as e:  # e.g. a coordinator without num_processes outside any known cluster
-        raise UserError(f"jax.distributed.initialize({args}): {e}") from None
-    log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} of {jax.device_count()} devices local")
-    return True
-
-
-def enable_compile_cache(directory: str | None) -> Path | None:
-    """Persist compiled executables, so a restart or resume does not pay the compile again.
-
-    JAX caches only compiles that took >= 1 s (jax_persistent_cache_min_compile_time_secs): smaller
-    ones cost more disk reads than they save.
-    """
-    if directory is None or directory.strip().lower() in ("", "none", "null"):
-        return None
-    path = Path(directory).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    return path

@@ -1,6 +1,7 @@
-"""Unembedding fused with the cross-entropy, in sequence chunks: the whole batch's logits never exist.
+"""The next-token loss: the reference cross-entropy over whole-batch logits, and the unembedding fused
+with the cross-entropy in sequence chunks, where the whole batch's logits never exist.
 
-The reference path (`model.unembed`, then `model.cross_entropy`) materialises fp32 logits for every
+The reference path (`decoder.unembed`, then `cross_entropy`) materialises fp32 logits for every
 token and their gradient: 8·V bytes per token once XLA fuses the softmax between them, 8.6 GB for the
 350m preset at 16 × 2048. Here a scan over chunks of `chunk` sequence positions computes one chunk's
 logits, its log-sum-exp and, under differentiation, its gradient at once. The loss is the last
@@ -20,8 +21,24 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from anychip.model import log_normalizer_and_target
-from anychip.sharding import PARAM_RULES, constrain
+from anychip.parallel.mesh import PARAM_RULES, constrain
+
+
+def log_normalizer_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fp32 logits (..., V), targets (...) → (logsumexp, the target's logit), each (...): a token's loss
+    is their difference."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss in fp32, plus z_loss·mean(logsumexp²) (PaLM) to keep the softmax normaliser near 1.
+
+    Returns (total loss, plain cross-entropy).
+    """
+    lse, target_logit = log_normalizer_and_target(logits.astype(jnp.float32), targets)
+    ce = jnp.mean(lse - target_logit)
+    return ce + z_loss * jnp.mean(lse**2), ce
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -93,7 +110,7 @@ def chunked_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """h (B, T, D) final hidden states in compute dtype; w (D, V) unembedding; targets (B, T) int.
 
-    Returns (loss with z-loss, plain cross-entropy), like `model.cross_entropy(model.unembed(...))`. The
+    Returns (loss with z-loss, plain cross-entropy), like `cross_entropy(decoder.unembed(...))`. The
     loss is differentiable in h and w; the cross-entropy is returned as a metric, without gradient.
     `chunk` must divide T.
     """

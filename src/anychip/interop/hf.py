@@ -24,35 +24,17 @@ import safetensors
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from anychip import __version__, checkpoint
-from anychip.config import Config, ModelConfig, TrainConfig, save_config, to_dict
-from anychip.data import find_files, read_documents
+from anychip.config import Config, ModelConfig, TrainConfig
+from anychip.data.prepare import find_files, read_documents
+from anychip.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from anychip.errors import UserError
-from anychip.model import Params, param_shapes
-from anychip.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
-from anychip.train import TrainState, build_trainer, load_run
+from anychip.model.params import Params, named_leaves, nest, param_table
+from anychip.train.checkpoint import checkpoint_meta, tokenizer_json
+from anychip.train.run_dir import RunDir, load_run
+from anychip.train.step import DTYPES, TrainState, build_trainer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
-
-# anychip layer parameter → (HF name under model.layers.{i}., number of leading *input* axes in anychip's
-# layout; 0 marks a norm weight, copied as is).
-LAYER_MAP = {
-    "attn_norm": ("input_layernorm.weight", 0),
-    "wq": ("self_attn.q_proj.weight", 1),
-    "wk": ("self_attn.k_proj.weight", 1),
-    "wv": ("self_attn.v_proj.weight", 1),
-    "wo": ("self_attn.o_proj.weight", 2),
-    "q_norm": ("self_attn.q_norm.weight", 0),
-    "k_norm": ("self_attn.k_norm.weight", 0),
-    "mlp_norm": ("post_attention_layernorm.weight", 0),
-    "w_gate": ("mlp.gate_proj.weight", 1),
-    "w_up": ("mlp.up_proj.weight", 1),
-    "w_down": ("mlp.down_proj.weight", 1),
-}
-TOP_MAP = {"embed": ("model.embed_tokens.weight", 0), "final_norm": ("model.norm.weight", 0),
-           "lm_head": ("lm_head.weight", 1)}
-
 
 def to_hf_layout(x: np.ndarray, n_in: int) -> np.ndarray:
     """anychip (in..., out...) → HF Linear (out, in); norms (n_in=0) and the embedding table unchanged."""
@@ -96,18 +78,14 @@ def hf_config(cfg: ModelConfig, eot: int | None = None) -> dict[str, Any]:
 
 def hf_state_dict(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """anychip params → HF tensor names and layouts, fp32 (tied models have no lm_head.weight)."""
-    def host(x: Any) -> np.ndarray:
-        return np.asarray(jax.device_get(x), dtype=np.float32)
-
-    out = {"model.embed_tokens.weight": host(params["embed"])}
-    layers = {name: host(x) for name, x in params["layers"].items()}
-    for i in range(cfg.n_layers):
-        for name, x in layers.items():
-            hf_name, n_in = LAYER_MAP[name]
-            out[f"model.layers.{i}.{hf_name}"] = to_hf_layout(x[i], n_in)
-    out["model.norm.weight"] = host(params["final_norm"])
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = to_hf_layout(host(params["lm_head"]), 1)
+    leaves = named_leaves(params)
+    out = {}
+    for name, spec in param_table(cfg).items():
+        x = np.asarray(jax.device_get(leaves[name]), dtype=np.float32)
+        if spec.stacked:
+            out |= {spec.hf_name.format(i=i): to_hf_layout(x[i], spec.hf_in_axes) for i in range(cfg.n_layers)}
+        else:
+            out[spec.hf_name] = to_hf_layout(x, spec.hf_in_axes)
     return out
 
 
@@ -264,19 +242,19 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> Params:
         used.add(name)
         return from_hf_layout(tensors[name], shape, n_in)
 
-    shapes = param_shapes(cfg)
-    params: Params = {key: take(TOP_MAP[key][0], shapes[key], TOP_MAP[key][1]) for key in shapes if key != "layers"}
-    params["layers"] = {
-        key: np.stack([take(f"model.layers.{i}.{LAYER_MAP[key][0]}", shape[1:], LAYER_MAP[key][1])
-                       for i in range(cfg.n_layers)])
-        for key, shape in shapes["layers"].items()
-    }
+    flat = {}
+    for name, spec in param_table(cfg).items():
+        if spec.stacked:
+            flat[name] = np.stack([take(spec.hf_name.format(i=i), spec.shape[1:], spec.hf_in_axes)
+                                   for i in range(cfg.n_layers)])
+        else:
+            flat[name] = take(spec.hf_name, spec.shape, spec.hf_in_axes)
     # A tied checkpoint may still store lm_head.weight; transformers ignores it too. inv_freq is a RoPE buffer.
     unused = {n for n in tensors.keys() - used if not n.endswith("rotary_emb.inv_freq")}
     unused -= {"lm_head.weight"} if cfg.tie_embeddings else set()
     if unused:
         raise UserError(f"weights with no anychip equivalent: {', '.join(sorted(unused)[:3])}")
-    return params
+    return nest(flat)
 
 
 def _load_hf_tokenizer(hf_dir: Path, cfg: ModelConfig) -> Any:
@@ -332,24 +310,23 @@ def grow_vocabulary(params: Params, cfg: ModelConfig, first_new: int, n_tokens: 
     return params, dataclasses.replace(cfg, vocab_size=vocab_size)
 
 
-def write_run(cfg: Config, params: Params, tokenizer: Any, source: str) -> Path:
+def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str) -> Path:
     """A run directory (config.yaml, tokenizer.json, checkpoint 0 with a fresh optimizer state)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    run = RunDir(cfg.run_dir)
+    run.write_files(cfg, tokenizer.to_str(pretty=True))
     trainer = build_trainer(cfg)
     shardings = trainer.state_shardings
-    dtype = jnp.dtype(cfg.train.param_dtype)
+    dtype = DTYPES[cfg.compute.param_dtype]
     params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), params), shardings.params)
     opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
-    meta = {"config": to_dict(cfg), "data_seed": cfg.train.seed, "anychip_version": __version__,
-            "tokenizer_sha256": tokenizer_hash(tokenizer), "imported_from": source}
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", async_save=False)
-    ckpt.save(0, state, meta, tokenizer=checkpoint.tokenizer_json(run_dir / "tokenizer.json"))
-    ckpt.close()
-    return run_dir
+    meta = checkpoint_meta(cfg, tokenizer_hash(tokenizer), imported_from=source)
+    ckpt = run.checkpointer()
+    try:
+        ckpt.save(0, state, meta, tokenizer=tokenizer_json(run.tokenizer))
+    finally:
+        ckpt.close()
+    return run.path
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str] | None = None,

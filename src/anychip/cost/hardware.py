@@ -2,7 +2,7 @@
 
 The catalog is data: peak dense bf16/fp8 FLOP/s, HBM capacity and bandwidth, chip-to-chip and
 between-domain bandwidth, scale-up domain size and on-demand $/chip-hour for each accelerator,
-snapshot 2026-11 (see /work/shared/hardware.md for the provenance of each figure). Users override
+snapshot 2026-11; each value names its source in catalog.yaml itself. Users override
 prices or add chips with their own YAML in the same format (`load_catalog(extra=[path])`).
 
 A missing number stays missing: a chip without a price costs "unknown" (None), a chip without a
@@ -173,7 +173,7 @@ def _read_yaml(path: Path) -> Any:
 
 def load_catalog(extra: Iterable[str | Path] = ()) -> Catalog:
     """The shipped catalog, then each user YAML merged over it by chip key, in order."""
-    text = resources.files("anychip").joinpath("catalog.yaml").read_text()
+    text = resources.files("anychip.cost").joinpath("catalog.yaml").read_text()
     catalog = _merge({}, yaml.safe_load(text), "catalog.yaml")
     for path in extra:
         catalog = _merge(catalog, _read_yaml(Path(path)), str(path))
@@ -243,6 +243,13 @@ def cost_summary(chip: Chip, n_chips: float, elapsed_s: float, tokens: float,
         "cost_usd": cost,
         "usd_per_mtok": None if cost is None or tokens <= 0 else cost / (tokens / 1e6),
     }
+
+
+def mfu(tokens_per_s: float, flops_token: float, peak_flops: float | None, n_chips: float = 1) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over peak (None where the peak is unknown)."""
+    if not peak_flops:
+        return None
+    return tokens_per_s * flops_token / (peak_flops * n_chips)
 
 
 def chips_in_use(chip: Chip, n_devices: int) -> float:

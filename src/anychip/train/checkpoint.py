@@ -20,6 +20,9 @@ XLA:CPU, whose integer reductions are slow: `verify=False` skips them.
 
 Restore takes an abstract state whose leaves carry the *current* mesh's shardings, so arrays land
 where this run wants them whatever the device count of the run that saved them.
+
+The checkpointer decides when it saves (`maybe_save`): every `every_steps` steps, once `every_minutes`
+passed since the last save (agreed across processes), and at the end or a stop.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ import orbax.checkpoint as ocp
 from jax import lax
 from orbax.checkpoint import checkpoint_managers as policies
 
+from anychip import __version__
+from anychip.config import CheckpointConfig, Config, to_dict
 from anychip.errors import UserError
+from anychip.parallel.distributed import Agreement
 
 ITEMS = ("state", "meta", "tokenizer", "fingerprints")
 # Test-only fault-injection hook: seconds to sleep after a save's files are written and before the
@@ -76,6 +82,31 @@ def _manager_options(keep: int | None, keep_every: int, async_save: bool) -> ocp
     )
 
 
+def checkpoint_meta(cfg: Config, tokenizer_sha256: str, data_manifest_sha256: str | None = None,
+                    **extra: Any) -> dict[str, Any]:
+    """What every checkpoint records besides the arrays (`save` adds the step and the arrays' shapes;
+    the loop the data position and metrics length, an import where the weights came from)."""
+    return {"config": to_dict(cfg), "data_seed": cfg.train.seed, "anychip_version": __version__,
+            "tokenizer_sha256": tokenizer_sha256, "data_manifest_sha256": data_manifest_sha256, **extra}
+
+
+class SaveSchedule:
+    """Due every `every_steps` steps and/or once `every_minutes` passed since the last save."""
+
+    def __init__(self, every_steps: int = 0, every_minutes: float = 0.0):
+        self.every_steps, self.every_s, self.last = every_steps, every_minutes * 60, time.monotonic()
+        self._agree = Agreement()  # the clock differs between processes: they must agree to save
+
+    def due(self, step: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_s) and self._agree(time.monotonic() - self.last >= self.every_s)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+        self._agree.forget()  # "is a save due?" asked before this save would say yes once more
+
+
 class Checkpointer:
     """Numbered checkpoints of a train state in one directory (see the module docstring).
 
@@ -83,18 +114,27 @@ class Checkpointer:
     checkpoint whose step is a multiple of it. on_save_error: "stop" raises CheckpointSaveError,
     "continue" logs a warning and goes on; either way the earlier checkpoints are untouched.
     verify: fingerprint the arrays at save and check them at restore (see the module docstring for
-    the cost, and benchmarks/checkpoint_bench.py).
+    the cost, and benchmarks/checkpoint_bench.py). schedule: when `maybe_save` saves.
     """
 
     def __init__(self, directory: str | Path, *, keep: int | None = 3, keep_every: int = 0,
                  async_save: bool = True, on_save_error: SaveErrorPolicy = "stop", verify: bool = True,
-                 log: Callable[[str], None] = print):
+                 schedule: SaveSchedule | None = None, log: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
         self.on_save_error, self.verify, self.log = on_save_error, verify, log
+        self.schedule = schedule or SaveSchedule()
         self._pending: int | None = None
+        self._last_saved: int | None = None
         self._manager = ocp.CheckpointManager(
             self.directory, options=_manager_options(keep, keep_every, async_save), item_names=ITEMS
         )
+
+    @classmethod
+    def from_config(cls, directory: str | Path, c: CheckpointConfig,
+                    log: Callable[[str], None] = print) -> Checkpointer:
+        return cls(directory, keep=c.keep, keep_every=c.keep_every, async_save=c.async_save,
+                   on_save_error=c.on_save_error, verify=c.verify,
+                   schedule=SaveSchedule(c.every_steps, c.every_minutes), log=log)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -104,6 +144,14 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------------------------
 
+    def maybe_save(self, step: int, state: Any, meta: Callable[[], dict[str, Any]],
+                   tokenizer: dict[str, Any] | None = None, last: bool = False) -> None:
+        """Save `step` if the schedule says so, or if `last` (the run's end, a stop), unless it is saved
+        already. `meta` is called only when saving (it may flush metrics first)."""
+        if step in (self._last_saved, self.latest_step()) or not (last or self.schedule.due(step)):
+            return
+        self.save(step, state, meta(), tokenizer)
+
     def save(self, step: int, state: Any, meta: dict[str, Any],
              tokenizer: dict[str, Any] | None = None) -> bool:
         """Start writing checkpoint `step`; in async mode the files are written in the background.
@@ -111,6 +159,8 @@ class Checkpointer:
         Returns False if it could not be started (or the previous save failed) under "continue".
         """
         ok = self._finish_pending()
+        self.schedule.saved()
+        self._last_saved = step
         meta = {**meta, "step": step, "arrays": describe_arrays(state)}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if self.verify:

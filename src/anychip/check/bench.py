@@ -25,10 +25,13 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from anychip import hardware, sharding
-from anychip.config import Config, to_dict
-from anychip.metrics import flops_per_token, mfu
-from anychip.train import build_trainer, model_kwargs
+from anychip.config import Config
+from anychip.cost import hardware
+from anychip.cost.calibration import BenchRecord
+from anychip.files import write_text_atomic
+from anychip.model.flops import flops_per_token
+from anychip.parallel import mesh as sharding
+from anychip.train.step import build_trainer, model_kwargs
 
 
 def peak_memory_bytes() -> int | None:
@@ -38,9 +41,9 @@ def peak_memory_bytes() -> int | None:
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3,
-              profile_dir: str | Path | None = None) -> dict[str, Any]:
-    """Returns one record (the schema `planner --calibration` reads); with `profile_dir`, also a
-    trace of 3 more steps there and the record's "profile" summary (see `summarize_trace`)."""
+              profile_dir: str | Path | None = None) -> BenchRecord:
+    """The measured record (what `plan --calibration` reads); with `profile_dir`, also a trace of 3 more
+    steps there and the record's `profile` summary (see `summarize_trace`)."""
     trainer = build_trainer(cfg)
     t = cfg.train
     state = trainer.init(jax.random.key(t.seed))
@@ -71,21 +74,19 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3,
     chip = hardware.detect()
     tokens_per_s = t.batch_size * t.seq_len / step_time
     flops_token = flops_per_token(cfg.model, t.seq_len)
-    return {
-        "chip": chip.key, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-        "n_devices": jax.device_count(), "model": to_dict(cfg.model), "seq_len": t.seq_len,
-        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "mesh": dict(trainer.mesh.shape),
-        "remat": t.remat, "attention": model_kwargs(cfg)["attention_impl"], "compute_dtype": t.compute_dtype,
-        "loss_chunk": t.loss_chunk,
-        "compile_time_s": compile_s, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_token,
-        "mfu": mfu(tokens_per_s, flops_token, chip.peak_flops_per_device, jax.device_count()),
-        "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(metrics["loss"]),
-        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
-        "platform_version": str(getattr(jax.devices()[0].client, "platform_version", "")),  # e.g. the CUDA version
-        "steps": steps, "warmup": warmup,
-        **({"profile": profile} if profile else {}),
-    }
+    c = cfg.compute
+    return BenchRecord(
+        chip=chip.key, device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
+        n_devices=jax.device_count(), model=cfg.model, seq_len=t.seq_len, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, mesh=dict(trainer.mesh.shape), remat=c.remat,
+        attention=model_kwargs(cfg)["attention_impl"], compute_dtype=c.dtype, loss_chunk=c.loss_chunk,
+        compile_time_s=compile_s, step_time_s=step_time, tokens_per_s=tokens_per_s, flops_per_token=flops_token,
+        mfu=hardware.mfu(tokens_per_s, flops_token, chip.peak_flops_per_device, jax.device_count()),
+        peak_memory_bytes=peak_memory_bytes(), final_loss=float(metrics["loss"]), jax=jax.__version__,
+        jaxlib=jaxlib.__version__, python=platform.python_version(),
+        platform_version=str(getattr(jax.devices()[0].client, "platform_version", "")),  # e.g. CUDA's version
+        steps=steps, warmup=warmup, profile=profile,
+    )
 
 
 # Kinds of device operations, by name: cuBLAS/CUTLASS kernels and XLA dot fusions; cuDNN or XLA attention;
@@ -160,25 +161,25 @@ def format_profile(profile: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_record(record: dict[str, Any]) -> str:
-    mem = record["peak_memory_bytes"]
+def format_record(r: BenchRecord) -> str:
+    mem = r.peak_memory_bytes
     rows = [
-        ("model", f"{record['model']['name']} ({record['model']['n_layers']}L, d={record['model']['d_model']})"),
-        ("device", f"{record['n_devices']} x {record['device_kind']} ({record['backend']})"),
-        ("batch x seq", f"{record['batch_size']} x {record['seq_len']}"),
-        ("remat / attention", f"{record['remat']} / {record['attention']}"),
-        ("loss", "full logits" if not record.get("loss_chunk") else f"fused, chunks of {record['loss_chunk']}"),
-        ("compile time", f"{record['compile_time_s']:.1f} s"),
-        ("step time", f"{1000 * record['step_time_s']:.1f} ms"),
-        ("tokens/s", f"{record['tokens_per_s']:,.0f}"),
-        ("MFU", "n/a (no catalog peak for this device)" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"),
+        ("model", f"{r.model.name} ({r.model.n_layers}L, d={r.model.d_model})"),
+        ("device", f"{r.n_devices} x {r.device_kind} ({r.backend})"),
+        ("batch x seq", f"{r.batch_size} x {r.seq_len}"),
+        ("remat / attention", f"{r.remat} / {r.attention}"),
+        ("loss", "full logits" if not r.loss_chunk else f"fused, chunks of {r.loss_chunk}"),
+        ("compile time", f"{r.compile_time_s:.1f} s"),
+        ("step time", f"{1000 * r.step_time_s:.1f} ms"),
+        ("tokens/s", f"{r.tokens_per_s:,.0f}"),
+        ("MFU", "n/a (no catalog peak for this device)" if r.mfu is None else f"{100 * r.mfu:.1f}%"),
         ("peak memory", "n/a on this backend" if mem is None else f"{mem / 2**30:.2f} GiB"),
-        ("software", f"jax {record['jax']}, jaxlib {record['jaxlib']}, {record['platform_version'] or 'n/a'}"),
+        ("software", f"jax {r.jax}, jaxlib {r.jaxlib}, {r.platform_version or 'n/a'}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def write_record(record: dict[str, Any], path: str | Path) -> None:
+def write_record(record: BenchRecord, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record.to_json(), indent=2) + "\n")

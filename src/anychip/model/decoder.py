@@ -1,4 +1,4 @@
-"""A Llama/AFM-class decoder as pure functions over a parameter pytree.
+"""A Llama/AFM-class decoder as pure functions over a parameter pytree (its table: `params.py`).
 
 Pre-norm RMSNorm, rotary position embeddings (HF "rotate half" layout, so weights export to
 transformers without permutation), grouped-query attention with optional QK-norm, SwiGLU MLP,
@@ -11,7 +11,6 @@ norms, softmax statistics and logits are computed in fp32.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -19,10 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from anychip.config import ModelConfig
-from anychip.kernels.attention import attention, xla_attention
-from anychip.sharding import constrain
+from anychip.model.attention import attention, xla_attention
+from anychip.model.params import Params
+from anychip.parallel.mesh import constrain
 
-Params = dict[str, Any]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 
 # The cuDNN flash-attention forward (jax.nn.dot_product_attention): a custom call, not a dot, so the dot
@@ -44,79 +43,6 @@ _REMAT_POLICIES = {
     "dots": _and_flash_attention(jax.checkpoint_policies.checkpoint_dots),
     "dots_no_batch": _and_flash_attention(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
-
-
-def param_axes(cfg: ModelConfig) -> Params:
-    """Logical axis names of every parameter; `sharding.py` maps them to mesh axes."""
-    layer = {
-        "attn_norm": ("layers", "norm"),
-        "wq": ("layers", "embed", "heads", "head_dim"),
-        "wk": ("layers", "embed", "kv_heads", "head_dim"),
-        "wv": ("layers", "embed", "kv_heads", "head_dim"),
-        "wo": ("layers", "heads", "head_dim", "embed"),
-        "mlp_norm": ("layers", "norm"),
-        "w_gate": ("layers", "embed", "mlp"),
-        "w_up": ("layers", "embed", "mlp"),
-        "w_down": ("layers", "mlp", "embed"),
-    }
-    if cfg.qk_norm:
-        layer |= {"q_norm": ("layers", "norm"), "k_norm": ("layers", "norm")}
-    axes: Params = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
-    if not cfg.tie_embeddings:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
-
-
-def param_shapes(cfg: ModelConfig) -> Params:
-    L, D, H, KV, hd, F, V = (
-        cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-    )
-    layer = {
-        "attn_norm": (L, D),
-        "wq": (L, D, H, hd),
-        "wk": (L, D, KV, hd),
-        "wv": (L, D, KV, hd),
-        "wo": (L, H, hd, D),
-        "mlp_norm": (L, D),
-        "w_gate": (L, D, F),
-        "w_up": (L, D, F),
-        "w_down": (L, F, D),
-    }
-    if cfg.qk_norm:
-        layer |= {"q_norm": (L, hd), "k_norm": (L, hd)}
-    shapes: Params = {"embed": (V, D), "layers": layer, "final_norm": (D,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
-    """Normal(0, init_std) matrices, with output projections scaled by 1/sqrt(2·n_layers) (GPT-2), unit norms."""
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
-            continue
-        std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if ("wo" in path or "w_down" in path) else cfg.init_std
-        out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
-
-
-def count_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
-    """Total parameter count; without the input embedding table when `include_embedding` is False.
-
-    With tied embeddings the table is also the output projection, a matmul, so it stays counted.
-    """
-    shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    total = sum(math.prod(s) for s in shapes)
-    if not include_embedding and not cfg.tie_embeddings:
-        total -= cfg.vocab_size * cfg.d_model
-    return total
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -273,20 +199,3 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kwargs: Any) 
     """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl."""
     logits = unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
     return constrain(logits, ("batch", "seq", "vocab"))
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token loss in fp32, plus z_loss·mean(logsumexp²) (PaLM) to keep the softmax normaliser near 1.
-
-    Returns (total loss, plain cross-entropy).
-    """
-    lse, target_logit = log_normalizer_and_target(logits.astype(jnp.float32), targets)
-    ce = jnp.mean(lse - target_logit)
-    return ce + z_loss * jnp.mean(lse**2), ce
-
-
-def log_normalizer_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fp32 logits (..., V), targets (...) → (logsumexp, the target's logit), each (...): a token's loss
-    is their difference."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return lse, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -1,12 +1,5 @@
-"""Training arithmetic and records: FLOPs per token, MFU, cost, JSONL/TensorBoard writers, progress line.
-
-FLOPs per token (forward + backward) follow the PaLM appendix-B convention:
-    6 · N_matmul + 12 · L · d_attn · T
-where N_matmul counts every parameter that takes part in a matmul (all weights, including the
-output projection, but not the input-embedding lookup, which is a gather) and the second term is
-the attention score and value matmuls (QKᵀ and PV, 2·2·T·d_attn FLOPs per token per layer forward,
-×3 for forward+backward), with d_attn = n_heads · head_dim. The causal mask is not discounted, as
-in PaLM and MaxText, so MFU figures are comparable with theirs.
+"""The step log: metrics.jsonl rows (and TensorBoard), progress lines with tokens/s, MFU and ETA, read
+one step late so the host never waits for the device.
 """
 
 from __future__ import annotations
@@ -21,26 +14,11 @@ from typing import Any, TextIO
 
 import jax
 
-from anychip import hardware, sharding
-from anychip.config import Config, ModelConfig
-from anychip.model import count_params
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters used in matmuls: all but the norms and the (untied) input embedding table."""
-    norms = cfg.n_layers * (2 * cfg.d_model + (2 * cfg.head_dim if cfg.qk_norm else 0)) + cfg.d_model
-    return count_params(cfg, include_embedding=cfg.tie_embeddings) - norms
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), see the module docstring."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
-def mfu(tokens_per_s: float, flops_token: float, peak_flops: float | None, n_chips: int = 1) -> float | None:
-    if not peak_flops:
-        return None
-    return tokens_per_s * flops_token / (peak_flops * n_chips)
+from anychip.config import Config
+from anychip.cost import hardware
+from anychip.errors import UserError
+from anychip.model.flops import flops_per_token
+from anychip.parallel.distributed import is_main_process
 
 
 def format_duration(seconds: float) -> str:
@@ -53,20 +31,19 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to RUN_DIR/metrics.jsonl, optionally mirrored to TensorBoard."""
+    """Appends one JSON object per record to a metrics.jsonl, optionally mirrored to TensorBoard event
+    files in `tensorboard` (a directory)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the writer, closed in close()
+    def __init__(self, path: Path, tensorboard: Path | None = None):
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._tb = None
-        if tensorboard:
+        if tensorboard is not None:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                from anychip.errors import UserError
-
-                raise UserError("train.tensorboard=true needs tensorboardX: pip install 'anychip[tensorboard]'")
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                raise UserError("log.tensorboard=true needs tensorboardX: pip install 'anychip[tensorboard]'") from None
+            self._tb = SummaryWriter(str(tensorboard))
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -80,13 +57,6 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Progress:
@@ -129,10 +99,11 @@ class StepLogger:
     step s-1's metrics right after dispatching step s costs nothing: step s-1 is already done.
     """
 
-    def __init__(self, cfg: Config, writer: MetricsWriter, start: int, chip: hardware.Chip,
-                 log: Callable[[str], None] = print):
-        self.cfg, self.writer, self.chip, self.log = cfg, writer, chip, log
-        stream = sys.stderr if sharding.is_main_process() else Discard()
+    def __init__(self, cfg: Config, writer: MetricsWriter | Discard, start: int, chip: hardware.Chip,
+                 observe: Callable[[int, bool], None] = lambda step, skipped: None):
+        """`observe(step, skipped)` hears of every finished step (the non-finite guard counts them)."""
+        self.cfg, self.writer, self.chip, self.observe = cfg, writer, chip, observe
+        stream = sys.stderr if is_main_process() else Discard()
         self.progress = Progress(cfg.train.steps, start, stream=stream)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -140,7 +111,6 @@ class StepLogger:
         self.last_time, self.last_step = time.perf_counter(), start
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self.bad_steps: list[int] = []  # the current run of consecutive skipped (non-finite) steps
         # The cost ledger counts this process's wall time from the first step on all chips in use.
         self.t_start, self.start_step = time.perf_counter(), start
         self.n_chips = hardware.chips_in_use(chip, jax.device_count())
@@ -164,32 +134,30 @@ class StepLogger:
         self.pending = None
 
     def reset(self, step: int) -> None:
-        """Forget the pending step and the bad run: the loop went back to checkpoint `step`."""
-        self.pending, self.bad_steps = None, []
+        """Forget the pending step: the loop went back to checkpoint `step`."""
+        self.pending = None
         self.last_time, self.last_step = time.perf_counter(), step
 
     def ledger(self, now: float, step: int) -> dict[str, Any]:
         """chip-hours, $ and $ per million tokens since this process started training."""
         tokens = (step - self.start_step) * self.tokens_per_step
         return hardware.cost_summary(self.chip, self.n_chips, now - self.t_start, tokens,
-                                     self.cfg.train.price_per_hour)
+                                     self.cfg.log.price_per_hour)
 
     def _take(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
         # Every step's flag, not only logged steps': the step is finished, so reading it costs no wait.
         skipped = "skipped" in metrics and float(metrics["skipped"]) > 0
-        self.bad_steps = [*self.bad_steps, step] if skipped else []
-        if skipped:
-            self.log(f"warning: step {step}: the loss or a gradient is not finite; update skipped")
+        self.observe(step, skipped)
         self._log(step, metrics, force or skipped)
 
     def _log(self, step: int, metrics: dict[str, jax.Array], force: bool = False) -> None:
-        if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step + 1 == 1):
+        if not (force or step % self.cfg.log.every == 0 or step == self.last_step + 1 == 1):
             return
         record: dict[str, Any] = {"step": step, **{k: float(v) for k, v in metrics.items()}}  # waits for step
         now = time.perf_counter()
         record["tokens"] = step * self.tokens_per_step
         record["tokens_per_s"] = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        record["mfu"] = mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_flops_per_device,
+        record["mfu"] = hardware.mfu(record["tokens_per_s"], self.flops_per_token, self.chip.peak_flops_per_device,
                             jax.device_count())
         record |= self.ledger(now, step)
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss

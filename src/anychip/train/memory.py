@@ -1,8 +1,8 @@
 """Per-device memory of this run's train step: the planner's estimate before compiling, XLA's own
 analysis after it, the device's capacity, and `train.auto_fit`, which picks the microbatch
-(train.grad_accum) and the remat policy so the step fits.
+(train.grad_accum) and the remat policy (compute.remat) so the step fits.
 
-The estimate is `planner.memory_per_chip` for this run's mesh (one model of memory in the code
+The estimate is `step_model.memory_per_chip` for this run's mesh (one model of memory in the code
 base, not two); its fp32 "states" (16 B per local parameter, +4 B for the gradient accumulator) are
 shown split as params 4 B, grads 4 (+4) B and AdamW moments 8 B. XLA's analysis after compiling
 is the truth on the backend at hand; the two are printed side by side so a bad estimate shows.
@@ -17,12 +17,12 @@ from typing import Any
 
 import jax
 
-from anychip import hardware, planner
 from anychip.config import Config
 from anychip.config import replace as replace_config
+from anychip.cost import hardware, step_model
 from anychip.errors import UserError
-from anychip.kernels.attention import resolve as resolve_attention
-from anychip.sharding import mesh_shape
+from anychip.model.attention import resolve as resolve_attention
+from anychip.parallel.mesh import mesh_shape
 
 GiB = 2**30
 
@@ -39,21 +39,20 @@ def device_memory() -> tuple[float | None, str]:
     return None, f"{device.device_kind} reports no memory limit and has no memory size in the catalog"
 
 
-def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[planner.Job, planner.Layout, bool]:
-    t = cfg.train
-    job = planner.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if t.compute_dtype == "float32" else 2,
-                      t.loss_chunk)
-    remat = "dots" if t.remat == "dots_no_batch" else t.remat  # the planner models none / dots / full
-    layout = planner.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
-    flash = resolve_attention(t.attention) == "cudnn" and t.compute_dtype != "float32"
+def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step_model.Layout, bool]:
+    t, c = cfg.train, cfg.compute
+    job = step_model.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if c.dtype == "float32" else 2, c.loss_chunk)
+    remat = "dots" if c.remat == "dots_no_batch" else c.remat  # the planner models none / dots / full
+    layout = step_model.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
+    flash = resolve_attention(c.attention) == "cudnn" and c.dtype != "float32"
     return job, layout, flash
 
 
 def estimate(cfg: Config, mesh: dict[str, int]) -> dict[str, float]:
     """Predicted peak bytes per device by part: params, grads, optimizer, activations (and transients)."""
     job, layout, flash = _job_layout(cfg, mesh)
-    parts = planner.memory_per_chip(job, layout, flash)
-    p = planner.local_params(cfg.model, layout.fsdp, layout.tensor)
+    parts = step_model.memory_per_chip(job, layout, flash)
+    p = step_model.local_params(cfg.model, layout.fsdp, layout.tensor)
     return {
         "params": 4 * p, "grads": (8 if layout.grad_accum > 1 else 4) * p, "optimizer": 8 * p,
         "activations": parts["activations"] + parts["weight_casts"] + parts["gathered"],
@@ -93,18 +92,18 @@ def check_fits(peak: float | None, log: Callable[[str], None]) -> None:
     capacity, _ = device_memory()
     if peak is not None and capacity is not None and peak > capacity:
         log(f"warning: XLA needs {human(peak)} per device but it has {human(capacity)}; set "
-            "train.auto_fit=true, more train.grad_accum, train.remat=full, or more fsdp devices")
+            "train.auto_fit=true, more train.grad_accum, compute.remat=full, or more fsdp devices")
 
 
-def _candidates(cfg: Config, mesh: dict[str, int], budget: float) -> list[planner.Layout]:
+def _candidates(cfg: Config, mesh: dict[str, int], budget: float) -> list[step_model.Layout]:
     """For each remat policy, the fewest microbatches (largest microbatch) that fits `budget`."""
     job, base, flash = _job_layout(cfg, mesh)
     rows = cfg.train.batch_size // (mesh["data"] * mesh["fsdp"])  # sequences per batch shard
     fits = []
-    for remat in planner.REMATS:
+    for remat in step_model.REMATS:
         for accum in (d for d in range(1, rows + 1) if rows % d == 0):
             layout = replace(base, remat=remat, grad_accum=accum)
-            if planner.memory_per_chip(job, layout, flash)["total"] <= budget:
+            if step_model.memory_per_chip(job, layout, flash)["total"] <= budget:
                 fits.append(layout)
                 break  # more microbatches than needed only add passes over the weights
     return fits
@@ -116,30 +115,30 @@ def auto_fit(cfg: Config, n_devices: int, log: Callable[[str], None]) -> Config:
     capacity, source = device_memory()
     if capacity is None:
         log(f"train.auto_fit: skipped, {source}; keeping grad_accum={cfg.train.grad_accum}, "
-            f"remat={cfg.train.remat}")
+            f"remat={cfg.compute.remat}")
         return cfg
     mesh = dict(zip(("data", "fsdp", "tensor"), mesh_shape(cfg.mesh, n_devices)))
-    fits = _candidates(cfg, mesh, planner.HBM_USABLE * capacity)
+    fits = _candidates(cfg, mesh, step_model.HBM_USABLE * capacity)
     if not fits:
         rows = cfg.train.batch_size // (mesh["data"] * mesh["fsdp"])
-        need = estimate(replace_config(cfg, train={"remat": "full", "grad_accum": rows}), mesh)["total"]
+        need = estimate(replace_config(cfg, train={"grad_accum": rows}, compute={"remat": "full"}), mesh)["total"]
         raise UserError(f"train.auto_fit: nothing fits in {capacity / GiB:.1f} GiB per device ({source}): "
                         f"even remat=full with one sequence per microbatch needs {need / GiB:.1f} GiB; use "
                         "more devices (mesh.fsdp), a shorter train.seq_len or a smaller model")
     best = _fastest(cfg, fits, n_devices)
     log(f"train.auto_fit: grad_accum={best.grad_accum}, remat={best.remat} (fits {capacity / GiB:.1f} GiB "
         f"per device, from {source})")
-    return replace_config(cfg, train={"grad_accum": best.grad_accum, "remat": best.remat})
+    return replace_config(cfg, train={"grad_accum": best.grad_accum}, compute={"remat": best.remat})
 
 
-def _fastest(cfg: Config, fits: list[planner.Layout], n_devices: int) -> planner.Layout:
+def _fastest(cfg: Config, fits: list[step_model.Layout], n_devices: int) -> step_model.Layout:
     """The candidate the planner's step-time model ranks fastest; the least remat where it cannot rank."""
     chip = hardware.detect()
     if not chip.peak_bf16_flops:
         return fits[0]
     job, _, _ = _job_layout(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
-    sustained = chip.peak_bf16_flops * (chip.efficiency or planner.DEFAULT_EFFICIENCY)
-    times = [planner.step_time(job, chip, n_devices, layout, sustained)["step"] for layout in fits]
+    sustained = chip.peak_bf16_flops * (chip.efficiency or step_model.DEFAULT_EFFICIENCY)
+    times = [step_model.step_time(job, chip, n_devices, layout, sustained)["step"] for layout in fits]
     if not all(map(math.isfinite, times)):  # e.g. no bandwidth figures for this chip
         return fits[0]
     return fits[min(range(len(fits)), key=lambda i: (times[i], i))]

@@ -32,10 +32,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anychip import sharding
 from anychip.config import Config, replace
 from anychip.errors import UserError
-from anychip.kernels.attention import resolve as resolve_attention
+from anychip.model.attention import resolve as resolve_attention
+from anychip.parallel import mesh as sharding
+from anychip.train.step import abstract_state, build_trainer
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu", "neuron")
 ASSUMED_CUDNN_VERSION = 91000
@@ -241,7 +242,7 @@ def _lowering_failure(e: Exception) -> str:
     if "callback" in first.lower() or "debug_print" in first:
         return f"does not lower: a host callback (jax.debug / pure_callback / io_callback) ({first})"
     if "dot_product_attention" in first:
-        return f"does not lower: cuDNN attention runs on NVIDIA GPUs only, use train.attention=auto ({first})"
+        return f"does not lower: cuDNN attention runs on NVIDIA GPUs only, use compute.attention=auto ({first})"
     return f"does not lower: {first}"
 
 
@@ -253,8 +254,6 @@ def _lowering_failure(e: Exception) -> str:
 def step_and_inputs(cfg: Config, n_devices: int, concrete: bool = False) -> tuple[Callable, tuple[Any, Any]]:
     """The jitted train step over a mesh of `n_devices` and abstract (state, batch) inputs. The mesh is
     abstract unless `concrete` (then this machine's first devices): no hardware is needed."""
-    from anychip.train import abstract_state, build_trainer  # train imports the whole loop: only here
-
     if concrete:
         mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n_devices])
     else:
@@ -266,10 +265,10 @@ def step_and_inputs(cfg: Config, n_devices: int, concrete: bool = False) -> tupl
 
 
 def for_platform(cfg: Config, platform: str) -> Config:
-    """`train.attention=auto` resolves per target platform (cuDNN on CUDA), not per this machine."""
-    if cfg.train.attention != "auto":
+    """`compute.attention=auto` resolves per target platform (cuDNN on CUDA), not per this machine."""
+    if cfg.compute.attention != "auto":
         return cfg
-    return replace(cfg, train={"attention": resolve_attention("auto", backend=platform)})
+    return replace(cfg, compute={"attention": resolve_attention("auto", backend=platform)})
 
 
 def check_step(cfg: Config, platform: str, n_devices: int, strict: bool = False) -> PlatformReport:

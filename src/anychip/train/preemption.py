@@ -1,8 +1,8 @@
-"""Stopping cleanly: SIGTERM/SIGINT handling and the checkpoint schedule, agreed across processes.
+"""Stopping cleanly: SIGTERM/SIGINT handling, agreed across processes.
 
 Schedulers (Kubernetes, Slurm, spot reclaim) send SIGTERM and a grace period before SIGKILL. The loop
 asks `StopSignals.requested()` after every step (with several processes, the answer comes one step late,
-see `Agreement`); when it says yes, the loop writes a checkpoint and
+see `distributed.Agreement`); when it says yes, the loop writes a checkpoint and
 raises `Preempted`, which the CLI turns into exit code 75 (EX_TEMPFAIL: rerun the same command).
 """
 
@@ -12,16 +12,9 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from anychip.config import CheckpointConfig
+from anychip.parallel.distributed import Agreement
 
 PREEMPTED_EXIT_CODE = 75
 
@@ -32,36 +25,6 @@ class Preempted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class Agreement:
-    """True on every process if a flag was True on any: processes must take the same checkpoint and stop
-    decisions, or their collectives hang.
-
-    With one process the answer is the flag itself. With several it comes one call late: the max over all
-    processes' flags is dispatched as a device computation behind the step just dispatched, and read at
-    the next call, after the next step is dispatched. A blocking all-gather on every step would make the
-    host wait for the device on every step and leave the device idle while the host prepares the next one.
-    Every process calls at the same steps (the loop is the same program), so all read the same answers.
-    """
-
-    def __init__(self) -> None:
-        self.pending: jax.Array | None = None
-        if jax.process_count() > 1:
-            mesh = Mesh(np.array(jax.devices()), ("processes",))
-            self.rows = NamedSharding(mesh, P("processes"))
-            self.reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
-
-    def __call__(self, flag: bool) -> bool:
-        if jax.process_count() == 1:
-            return flag
-        local = np.full((jax.local_device_count(),), flag, np.int32)
-        answer, self.pending = self.pending, self.reduce(jax.make_array_from_process_local_data(self.rows, local))
-        return answer is not None and bool(answer)
-
-    def forget(self) -> None:
-        """Drop the answer in flight (it was asked before a change that all processes made together)."""
-        self.pending = None
 
 
 class StopSignals:
@@ -111,20 +74,3 @@ class StopSignals:
 
     def requested(self) -> bool:
         return self._agree(self.signum is not None)
-
-
-class SaveSchedule:
-    """Checkpoint every `every_steps` steps and/or once `every_minutes` passed since the last save."""
-
-    def __init__(self, cfg: CheckpointConfig):
-        self.every_steps, self.every_s, self.last = cfg.every_steps, cfg.every_minutes * 60, time.monotonic()
-        self._agree = Agreement()
-
-    def due(self, step: int) -> bool:
-        if self.every_steps and step % self.every_steps == 0:
-            return True
-        return bool(self.every_s) and self._agree(time.monotonic() - self.last >= self.every_s)
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-        self._agree.forget()  # "is a save due?" asked before this save would say yes once more

@@ -1,17 +1,10 @@
-"""Corpora → memory-mapped token shards with a manifest; a dataset whose batch for a step is pure.
+"""Corpora → token shards, tokenizer.json and manifest.json: the data dir `dataset.py` reads.
 
-A prepared data dir holds
-    tokenizer.json
-    manifest.json            format version, dtype, vocab, tokenizer hash, per split its shards + sha256
-    train_00000.bin, ...     flat little-endian uint16 token ids (uint32 if the vocab needs it): each
-    val_00000.bin, ...       document followed by EOT; a document never spans two shards
-
-Batches: each shard is cut into non-overlapping windows of seq_len+1 tokens at stride seq_len (the
-extra token is the target of the last position); windows never cross a shard boundary. Global
-sample g of a run reads window perm_e[g % W], where W is the number of windows, e = g // W the epoch
-and perm_e a permutation seeded by (seed, e). So every window is read once per epoch, and the batch
-of a step is a function of (seed, step, batch_size, seq_len) only: not of the number of processes
-and not of what was read before, which is what makes resume on another topology exact.
+Inputs are files, folders (recursive) and globs: `.jsonl` (one document per line), `.parquet` (one per
+row), anything else one UTF-8 document per file. A tokenizer is trained on the corpus unless one is
+given; every document is followed by the end-of-text token; a share of documents, chosen by content
+hash, is held out. The data dir is built in a hidden sibling and renamed at the end, so it appears
+complete or not at all.
 """
 
 from __future__ import annotations
@@ -36,11 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
+from anychip.data.dataset import FORMAT, SPLITS, VERSION
+from anychip.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from anychip.errors import UserError, require
-from anychip.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
-FORMAT, VERSION = "anychip-tokens", 1
-SPLITS = ("train", "val")
 # Text per encode_batch call: many documents so every core has work, few enough that the Encoding
 # objects (~100 bytes per token, with their token strings) stay small.
 CHUNK_CHARS = 4_000_000
@@ -361,150 +353,3 @@ def builtin_corpus(cache_dir: str | Path, vocab_size: int = 8192, log: Callable[
             if not (out_dir / "manifest.json").is_file():  # else another process prepared it meanwhile
                 raise
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_manifest(data_dir: Path) -> dict:
-    try:
-        manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-        ok = (manifest.get("format") == FORMAT and manifest.get("dtype") in ("uint16", "uint32")
-              and isinstance(manifest.get("vocab_size"), int) and isinstance(manifest.get("splits"), dict)
-              and isinstance(manifest.get("tokenizer_sha256"), str))
-    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
-        ok = False
-    require(ok, f"{data_dir} is not a prepared data dir, run `anychip data prepare`")
-    require(manifest.get("version") == VERSION,
-             f"{data_dir} has data format {manifest.get('version')}, this anychip reads {VERSION}; "
-             "re-run anychip data prepare")
-    return manifest
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (shards can be larger than memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _open_shard(data_dir: Path, entry: dict, dtype: np.dtype, verify: bool) -> np.memmap:
-    try:
-        name, n_tokens, sha256 = str(entry["file"]), int(entry["tokens"]), str(entry["sha256"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{data_dir}/manifest.json has an invalid shard entry {entry!r}") from None
-    # A manifest names files inside its own dir only.
-    require(Path(name).name == name and n_tokens > 0, f"{data_dir}/manifest.json has an invalid shard {name!r}")
-    path = data_dir / name
-    require(path.is_file(), f"missing shard {path}; re-run anychip data prepare")
-    size, expected = path.stat().st_size, n_tokens * dtype.itemsize
-    require(size == expected, f"{path} has {size:,} bytes but the manifest says {n_tokens:,} tokens "
-             f"({expected:,} bytes): the file is truncated or was modified; re-run anychip data prepare")
-    require(not verify or sha256_file(path) == sha256,
-             f"checksum mismatch in {path}: the file is corrupt or was modified; re-run anychip data prepare")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
-
-
-def _process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """Rows [lo, hi) of a global batch that process `process_index` of `process_count` reads."""
-    require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
-    require(0 <= process_index < process_count, f"process_index={process_index} not in [0, {process_count})")
-    require(batch_size % process_count == 0,
-             f"batch_size={batch_size} is not divisible by the number of processes ({process_count})")
-    per_process = batch_size // process_count
-    return process_index * per_process, (process_index + 1) * per_process
-
-
-class TokenDataset:
-    """One split of a prepared data dir, memory-mapped; batches are pure functions of (seed, step)."""
-
-    def __init__(self, data_dir: str | Path, split: str = "train", verify: bool = True):
-        self.data_dir = Path(data_dir).expanduser()
-        self.manifest = read_manifest(self.data_dir)
-        self.split = split
-        entries = self.manifest["splits"].get(split)
-        entries = entries.get("shards") if isinstance(entries, dict) else None
-        require(isinstance(entries, list) and len(entries) > 0, f"{self.data_dir} has no '{split}' split")
-        self.vocab_size: int = self.manifest["vocab_size"]
-        self.tokenizer_path = self.data_dir / "tokenizer.json"
-        dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
-        self.shards = [_open_shard(self.data_dir, e, dtype, verify) for e in entries]
-        if verify:
-            require(tokenizer_hash(load_tokenizer(self.tokenizer_path)) == self.manifest["tokenizer_sha256"],
-                     f"{self.tokenizer_path} is not the tokenizer the data was prepared with; "
-                     "re-run anychip data prepare")
-        self._window_ends: dict[int, np.ndarray] = {}
-        self._permutations: dict[tuple[int, int, int], np.ndarray] = {}
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(s) for s in self.shards)
-
-    def _ends(self, seq_len: int) -> np.ndarray:
-        """Cumulative window counts: shard i holds global windows [ends[i-1], ends[i])."""
-        require(seq_len > 0, f"seq_len must be positive, got {seq_len}")
-        if seq_len not in self._window_ends:
-            counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
-            self._window_ends[seq_len] = np.cumsum(counts)
-        return self._window_ends[seq_len]
-
-    def num_windows(self, seq_len: int) -> int:
-        return int(self._ends(seq_len)[-1])
-
-    def _require_windows(self, seq_len: int) -> int:
-        n_windows = self.num_windows(seq_len)
-        require(n_windows > 0, f"the {self.split} split of {self.data_dir} has {self.n_tokens:,} tokens "
-                 f"(largest shard {max(len(s) for s in self.shards):,}), fewer than one window of "
-                 f"seq_len+1={seq_len + 1}")
-        return n_windows
-
-    def _read(self, windows: np.ndarray, seq_len: int) -> np.ndarray:
-        ends = self._ends(seq_len)
-        shard_ids = np.searchsorted(ends, windows, side="right")
-        starts = (windows - np.concatenate([[0], ends[:-1]])[shard_ids]) * seq_len
-        rows = np.empty((len(windows), seq_len + 1), dtype=np.int32)  # (rows, seq_len + 1)
-        for row, (shard, start) in enumerate(zip(shard_ids, starts)):
-            rows[row] = self.shards[shard][start:start + seq_len + 1]
-        return rows
-
-    def _permutation(self, seed: int, epoch: int, n_windows: int) -> np.ndarray:
-        # A batch needs at most the current and the next epoch (unless batch_size > W): keep two.
-        key = (seed, epoch, n_windows)
-        if key not in self._permutations:
-            if len(self._permutations) >= 2:
-                self._permutations.pop(next(iter(self._permutations)))
-            self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(n_windows)
-        return self._permutations[key]
-
-    def batch(self, step: int, batch_size: int, seq_len: int, seed: int, process_index: int = 0,
-              process_count: int = 1) -> np.ndarray:
-        """(batch_size // process_count, seq_len + 1) int32: this process's rows of the global batch of `step`."""
-        require(step >= 0 and seed >= 0, f"step and seed must be >= 0, got step={step} seed={seed}")
-        lo, hi = _process_rows(batch_size, process_index, process_count)
-        n_windows = self._require_windows(seq_len)
-        samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)  # global sample ids of our rows
-        epochs, positions = np.divmod(samples, n_windows)
-        windows = np.empty_like(samples)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            windows[here] = self._permutation(seed, int(epoch), n_windows)[positions[here]]
-        return self._read(windows, seq_len)
-
-    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None, process_index: int = 0,
-                     process_count: int = 1) -> Iterator[np.ndarray]:
-        """Sequential windows from the start of the split; the last partial batch is dropped.
-
-        A split with fewer windows than `batch_size` (tiny validation sets) gives one batch of all its
-        windows, rounded down to a multiple of `process_count`.
-        """
-        require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
-        n_windows = self._require_windows(seq_len)
-        size = min(batch_size, n_windows) // process_count * process_count
-        require(size > 0, f"the {self.split} split of {self.data_dir} has {n_windows} windows of "
-                 f"seq_len+1={seq_len + 1}, fewer than the {process_count} processes")
-        lo, hi = _process_rows(size, process_index, process_count)
-        n_batches = n_windows // size if max_batches is None else min(max_batches, n_windows // size)
-        return (self._read(np.arange(b * size + lo, b * size + hi), seq_len) for b in range(n_batches))

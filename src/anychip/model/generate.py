@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from anychip.config import ModelConfig
+from anychip.data.tokenizer import eot_id
 from anychip.errors import UserError
-from anychip.model import Params, cached_hidden_states, init_cache, unembed
-from anychip.tokenizer import eot_id
+from anychip.model.decoder import cached_hidden_states, init_cache, unembed
+from anychip.model.params import Params, is_norm
 
 _MIN_BUCKET = 16
 
@@ -60,11 +61,9 @@ def sample(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _cast_matrices(params: Params, dtype: Any) -> Params:
+def _cast_matrices(params: Params, cfg: ModelConfig, dtype: Any) -> Params:
     """Cast weight matrices to the compute dtype once, not at every decode step; norm weights stay fp32."""
-    def cast(path, x):
-        return x if "norm" in jax.tree_util.keystr(path) else x.astype(dtype)
-    return jax.tree_util.tree_map_with_path(cast, params)
+    return jax.tree.map(lambda x, norm: x if norm else x.astype(dtype), params, is_norm(cfg))
 
 
 @partial(jax.jit, static_argnames=("cfg", "cache_len", "greedy", "top_k", "use_top_p", "compute_dtype"))
@@ -75,7 +74,7 @@ def _decode(
 ) -> jax.Array:
     """Right-padded prompts (B, P) with `lengths` (B,) → new tokens (B, cache_len - P), -1 once a row has stopped."""
     B, P = tokens.shape
-    params = _cast_matrices(params, compute_dtype)
+    params = _cast_matrices(params, cfg, compute_dtype)
     pick = partial(sample, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     run = partial(cached_hidden_states, params, cfg=cfg, compute_dtype=compute_dtype)
 

@@ -1,0 +1,1 @@
+"""Use what you trained elsewhere: Hugging Face import and export."""

@@ -1,0 +1,2 @@
+"""The decoder as pure functions over a parameter table: parameters, attention kernels, the loss, FLOP
+counts and KV-cache generation."""
