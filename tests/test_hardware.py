@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from anychip.cost import hardware
 from anychip.errors import UserError
-
-BRIEF_KEYS = ["a100", "h100", "h200", "b200", "gb200", "mi300x", "mi325x", "tpu-v4", "tpu-v5e", "tpu-v5p",
-              "tpu-v6e", "tpu-7x", "trn1", "trn2", "trn3", "inf2", "cpu"]
-
 
 @pytest.fixture(scope="module")
 def catalog() -> hardware.Catalog:
@@ -23,24 +21,30 @@ def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
 
 
 def test_catalog_has_every_chip_with_sources(catalog):
-    assert list(catalog) == BRIEF_KEYS
     for chip in catalog.values():
         # Every numeric field given in catalog.yaml names where it came from and when.
         assert {"bf16_tflops", "domain", "price_per_hour"} <= set(chip.sources), chip.key
         for name, source in chip.sources.items():
             assert "(2026-11)" in source and len(source) > len("(2026-11)") + 10, (chip.key, name)
+    # A device names one chip: two entries claiming the same device_kind would make detection arbitrary.
+    kinds = [k.strip().lower() for chip in catalog.values() for k in chip.device_kinds]
+    assert len(kinds) == len(set(kinds))
 
 
-def test_catalog_numbers_match_the_fact_sheet(catalog):
-    h100, v5p, trn2 = catalog["h100"], catalog["tpu-v5p"], catalog["trn2"]
-    assert h100.peak_bf16_flops == pytest.approx(989.4e12) and h100.price_per_hour == 6.88
-    assert h100.hbm_bytes == 80e9 and h100.domain == 8 and h100.link_bw == 900e9
-    assert v5p.hbm_bytes == pytest.approx(95 * 2**30, rel=1e-3)  # 95 GiB in bytes
-    assert trn2.peak_fp8_flops == pytest.approx(1299e12) and trn2.hbm_bw == pytest.approx(2.9e12)
-    # hardware.md's derived $ per peak-PFLOP-hour
-    assert h100.usd_per_pflop_hour == pytest.approx(7.0, abs=0.05)
-    assert catalog["tpu-v6e"].usd_per_pflop_hour == pytest.approx(2.9, abs=0.05)
-    assert catalog["gb200"].price_per_hour is None and catalog["gb200"].usd_per_pflop_hour is None
+def test_derived_figures_follow_their_stated_arithmetic(catalog):
+    """Per-chip prices are instance prices over chips ("p5.48xlarge $55.04/8"), per-chip scale-out
+    bandwidths are NIC rates per chip ("... = 400 Gb/s per GPU"): the number must be the sum shown."""
+    checked = 0
+    for chip in catalog.values():
+        price = re.search(r"\$([\d.]+)/(\d+)\b", chip.sources.get("price_per_hour", ""))
+        if price and chip.price_per_hour is not None:
+            assert chip.price_per_hour == pytest.approx(float(price[1]) / int(price[2]), abs=0.005), chip.key
+            checked += 1
+        per_chip = re.search(r"= (\d+) Gb/s per", chip.sources.get("scaleout_gb_s", ""))
+        if per_chip:
+            assert chip.scaleout_bw == pytest.approx(int(per_chip[1]) / 8 * 1e9), chip.key  # bits → bytes
+            checked += 1
+    assert checked >= 12  # most of the catalog shows its arithmetic; a refactor that loses it fails here
 
 
 def test_inference_part_and_cpu_are_marked(catalog):
@@ -70,8 +74,12 @@ def test_device_kind_match_is_exact(catalog):
 
 
 def test_detect_on_this_host():
+    import jax
+
     chip = hardware.detect()
-    assert chip.key == "cpu" and chip.peak_bf16_flops is None and chip.price_per_hour is None
+    assert chip == hardware.match_device_kind(jax.devices()[0].device_kind) or chip.key == "unknown"
+    if jax.default_backend() == "cpu":  # a generic CPU: no invented peak or price
+        assert chip.key == "cpu" and chip.peak_bf16_flops is None and chip.price_per_hour is None
     assert hardware.detect(2.5).price_per_hour == 2.5
 
 
