@@ -59,3 +59,24 @@ def test_shipped_example_configs_load():
     for path in configs:
         cfg = load_config(path)
         assert cfg.train.seq_len <= cfg.model.max_seq_len
+
+
+def test_every_setting_is_documented_and_listed():
+    import dataclasses
+    import typing
+
+    from anychip.config import all_keys, describe, field_docs
+
+    types = typing.get_type_hints(Config)
+    sections = {name: cls for name, cls in types.items() if dataclasses.is_dataclass(cls)}
+    for cls in [Config, *sections.values()]:
+        missing = [f.name for f in dataclasses.fields(cls) if not field_docs(cls).get(f.name)]
+        assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
+    listed = "\n".join(describe())
+    settings = [key for key in all_keys() if key not in sections]
+    assert len(settings) > 60 and all(f"  {key} = " in listed for key in settings)
+
+
+def test_a_moved_key_names_its_new_place():
+    with pytest.raises(UserError, match=r"config key 'train.remat' is now 'compute.remat'"):
+        load_config(None, ["train.remat=dots"])
