@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from anychip.config import load_config
-from anychip.train import abstract_state, build_trainer, checkpoint
+from anychip.train import checkpoint
+from anychip.train.step import abstract_state, build_trainer
 
 
 def random_like(abstract: Any, seed: int = 0) -> Any:

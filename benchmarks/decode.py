@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, CompileConfig
 
 from anychip.config import MODEL_PRESETS, ModelConfig
 from anychip.interop.hf import hf_config, hf_state_dict, write_safetensors
-from anychip.model import init_params
 from anychip.model.generate import generate
+from anychip.model.params import init_params
 
 
 def export(params, cfg: ModelConfig, out: Path) -> None:
