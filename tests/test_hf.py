@@ -131,8 +131,12 @@ def write_hf_config(path, **changes):
 @pytest.mark.parametrize("changes,message", [
     ({"auto_map": {"AutoModelForCausalLM": "modeling.Custom"}}, "remote code"),
     ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope scaling"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "'linear' RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "'llama3' RoPE scaling"),
+    # transformers 5 reads rope_scaling before rope_parameters: a default beside it must not hide it
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"type": "yarn"}},
+     "'yarn' RoPE scaling"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"head_dim": 16}, "head_dim"),

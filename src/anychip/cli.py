@@ -3,13 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
 
-from anychip.errors import UserError
+from anychip.errors import DEBUG_ENV, UserError
+from anychip.files import Terminated
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, exit 2, like every other user error (argparse adds a usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"anychip: error: {message} (see {self.prog} --help)\n")
+
+
+def count(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, maximum]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{minimum}, {maximum}], got {text!r}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a finite number in {bounds}, got {text!r}")
+        return value
+
+    return parse
 
 
 def load_config_args(args: argparse.Namespace):
@@ -172,7 +211,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anychip", description=__doc__)
+    parser = Parser(prog="anychip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain (or resume) a model; no arguments = the built-in demo run")
@@ -186,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="tokenize files/folders/globs into token shards")
     p.add_argument("inputs", nargs="+", help="files, folders or globs (.txt .md .py .jsonl .parquet ...)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the BPE tokenizer to train")
+    p.add_argument("--vocab-size", type=count(257), default=8192, help="vocabulary of the BPE tokenizer to train")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
+    p.add_argument("--val-fraction", type=number(0, 0.999), default=0.01, help="share of documents held out")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet files")
     p.set_defaults(handler=cmd_data_prepare)
@@ -196,17 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="a prepared data dir (default: the run's own data)")
-    p.add_argument("--batches", type=int, help="evaluate at most this many batches (default: all)")
+    p.add_argument("--batches", type=count(1), help="evaluate at most this many batches (default: all)")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=count(1), default=100)
+    p.add_argument("--temperature", type=number(0, 100), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=count(0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0, help="1 = off")
+    p.add_argument("--seed", type=count(0, 2**32 - 1), default=0)
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("report", help="plot loss and throughput curves of a run to a PNG")
@@ -217,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="steady-state step time, tokens/s, MFU and memory of a config")
     p.add_argument("config", nargs="?", help="a YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=1b train.batch_size=8")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--steps", type=count(1), default=10, help="timed steps")
+    p.add_argument("--warmup", type=count(0), default=3, help="untimed steps before timing")
     p.add_argument("--json", help="also write the record to this JSON file")
     p.add_argument("--profile", metavar="DIR", help="also trace 3 steps into DIR (Perfetto, TensorBoard) and "
                    "print where the device time goes")
@@ -231,13 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict time, memory and cost of a pretraining job on each chip")
     p.add_argument("--model", required=True, help="a model preset (e.g. afm-3b) or a config YAML")
     p.add_argument("--tokens", required=True, help="training tokens, e.g. 6.3T, 300B, 2e9")
-    p.add_argument("--seq-len", "--seq", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, help="global batch in sequences (default: ~4M tokens)")
+    p.add_argument("--seq-len", "--seq", type=count(1), default=4096)
+    p.add_argument("--batch-size", type=count(1), help="global batch in sequences (default: ~4M tokens)")
     p.add_argument("--chips", help="comma-separated catalog keys (default: all training chips)")
     size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--num-chips", type=int, help="plan for this many chips")
+    size.add_argument("--num-chips", type=count(1), help="plan for this many chips")
     size.add_argument("--deadline", help="fewest chips that finish within e.g. 30d, 12h")
-    p.add_argument("--budget", type=float, help="drop plans costing more than this many USD")
+    p.add_argument("--budget", type=number(0, low_open=True), help="drop plans costing more than this many USD")
     p.add_argument("--prices", nargs="+", help="YAML files overriding prices or adding chips")
     p.add_argument("--calibration", nargs="+", help="`anychip bench --json` records to fit efficiencies")
     p.add_argument("--remat", default="none,dots,full", help="remat policies to consider")
@@ -256,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True, help="the run directory to create")
     p.add_argument("--extend-with", nargs="+", help="corpus files/folders to learn extra tokens from")
-    p.add_argument("--extra-tokens", type=int, default=0, help="how many tokens to add (with --extend-with)")
+    p.add_argument("--extra-tokens", type=count(0), default=0, help="how many tokens to add (with --extend-with)")
     p.set_defaults(handler=cmd_import)
 
     p = sub.add_parser("check", help="will the train step compile on other hardware? lowers and serializes "
@@ -265,19 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=1b mesh.tensor=2")
     p.add_argument("--platforms", default="cpu,cuda,tpu,neuron", help="of cpu,cuda,rocm,tpu,neuron")
     p.add_argument("--target", action="append", default=[], help="one more platform, e.g. --target neuron")
-    p.add_argument("--devices", type=int, default=8, help="devices of the (abstract) mesh to lower for")
+    p.add_argument("--devices", type=count(1, 65536), default=8, help="devices of the (abstract) mesh to lower for")
     p.add_argument("--strict", action="store_true", help="fail on vendor custom calls even on their platform")
     p.set_defaults(handler=cmd_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (bad input, a busy run dir, a full or read-only disk) is one line on
+    stderr and exit 2; SIGTERM/Ctrl-C outside training one line and 128 + signal (an unfinished output is
+    removed); anything else is a bug and keeps its traceback. ANYCHIP_DEBUG=1 shows every traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except UserError as e:
-        print(f"anychip: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, Terminated, KeyboardInterrupt) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        if isinstance(e, UserError):
+            print(f"anychip: error: {e}", file=sys.stderr)
+            return 2
+        print(f"anychip: stopped by {'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+            require(0 < getattr(self, name) < 2**31, f"model.{name} must be in [1, 2**31), got {getattr(self, name)}")
         require(
             self.d_model % self.n_heads == 0,
             f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}",
@@ -191,7 +191,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-            require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+            require(0 < getattr(self, name) < 2**31, f"train.{name} must be in [1, 2**31), got {getattr(self, name)}")
         require(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
         require(
             self.batch_size % self.grad_accum == 0,
@@ -375,6 +375,8 @@ class Config:
     """A run directory whose newest parameters start this run (continued pretraining); optimizer state is fresh."""
 
     def __post_init__(self) -> None:
+        require(self.run_dir.strip() != "", "run_dir must name a directory, got an empty string")
+        require(self.init_from is None or self.init_from.strip() != "", "init_from must be a run directory or null")
         require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
@@ -453,6 +455,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation is int:
         require(isinstance(value, int) and not isinstance(value, bool), f"{key}: expected an integer, got {value!r}")
+        require(abs(value) < 2**32, f"{key}: {value} is out of range (at most 2**32)")  # JAX holds ints in 32 bits
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as text
@@ -490,7 +493,7 @@ def _unknown_key(key: str) -> UserError:
 
 
 def _model_preset(name: Any) -> ModelConfig:
-    if name not in MODEL_PRESETS:
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
         close = difflib.get_close_matches(str(name), MODEL_PRESETS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise UserError(f"unknown model preset '{name}' (presets: {', '.join(MODEL_PRESETS)}){hint}")
@@ -548,7 +551,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         require(bool(sep) and bool(key), f"expected key=value, got '{arg}'")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             out[key.strip()] = raw
     return out
 
@@ -575,6 +578,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(read_text(path, "config file"))
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to be a config") from None
         require(loaded is None or isinstance(loaded, dict), f"{path}: expected a mapping at the top level")
         data = loaded or {}
     data = _merge(data, _nest(parse_overrides(overrides or [])))

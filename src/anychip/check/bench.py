@@ -28,6 +28,7 @@ import jaxlib
 from anychip.config import Config
 from anychip.cost import hardware
 from anychip.cost.calibration import BenchRecord
+from anychip.errors import require
 from anychip.files import write_text_atomic
 from anychip.model.flops import flops_per_token
 from anychip.parallel import mesh as sharding
@@ -44,6 +45,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3,
               profile_dir: str | Path | None = None) -> BenchRecord:
     """The measured record (what `plan --calibration` reads); with `profile_dir`, also a trace of 3 more
     steps there and the record's `profile` summary (see `summarize_trace`)."""
+    require(steps >= 1 and warmup >= 0, f"bench needs steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     trainer = build_trainer(cfg)
     t = cfg.train
     state = trainer.init(jax.random.key(t.seed))

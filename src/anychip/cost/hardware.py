@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from anychip.errors import UserError
+from anychip.files import read_text
 
 Catalog = dict[str, "Chip"]
 
@@ -95,12 +96,20 @@ def _value(raw: Any, where: str, default_date: str, origin: str) -> tuple[Any, s
     return raw, f"{origin} ({default_date})"
 
 
+# Every number, in the file's units, lies in [low, high]: a rate of zero is no measurement (it would plan
+# "inf days"; unknown is null), a price may be 0 (credits), and nothing is so large or small that the
+# planner's arithmetic leaves the finite numbers.
+_RANGES = {"price_per_hour": (0.0, 1e9), "efficiency": (1e-6, 1.0), "domain": (0, 1e9)}
+_RATE_RANGE = (1e-6, 1e9)
+
+
 def _number(value: Any, where: str, scale: float) -> float | int | None:
     if value is None:
         return None
+    low, high = _RANGES.get(where.rsplit(".", 1)[-1], _RATE_RANGE)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value < 0:
-        raise UserError(f"{where}: expected a non-negative number or null, got {value!r}")
+    if not (is_number and math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{where}: expected a number in [{low:g}, {high:g}] or null (unknown), got {value!r}")
     return int(value) if scale == 1 and isinstance(value, int) else value * scale
 
 
@@ -163,10 +172,8 @@ def _merge(catalog: Catalog, data: Any, origin: str) -> Catalog:
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(f"catalog file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_text(path, "catalog file"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 

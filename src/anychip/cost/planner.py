@@ -140,15 +140,20 @@ def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | Non
         return PlanRow(chip=chip.key, chip_name=chip.name, n_chips=n, layout=None, note="no peak FLOP/s: calibrate or set bf16_tflops")
     budget = HBM_USABLE * chip.hbm_bytes if chip.hbm_bytes else math.inf
     best: PlanRow | None = None
+    untimed = False  # a layout fits but needs a bandwidth the catalog does not know
     for base, rows in _layouts(job, chip, n, remats):
         for ga in _divisors(rows):
             layout = replace(base, grad_accum=ga)
             if memory_per_chip(job, layout, chip.attention == "flash")["total"] <= budget:
                 row = _row(job, chip, n, layout, s, eff, cal)
-                best = row if best is None or row.step_s < best.step_s else best
+                untimed |= not math.isfinite(row.step_s)
+                if math.isfinite(row.step_s) and (best is None or row.step_s < best.step_s):
+                    best = row
                 break  # more accumulation only adds collectives: the first fit is this layout's best
     if best is None:
-        return PlanRow(chip=chip.key, chip_name=chip.name, n_chips=n, layout=None, note=f"no layout of batch {job.batch} fits in HBM")
+        note = ("no step time: a bandwidth this layout needs is unknown (link_gb_s, scaleout_gb_s)" if untimed
+                else f"no layout of batch {job.batch} fits in HBM")
+        return PlanRow(chip=chip.key, chip_name=chip.name, n_chips=n, layout=None, note=note)
     return best
 
 

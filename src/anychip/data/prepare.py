@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import sysconfig
 import time
-import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +30,7 @@ from tokenizers import Tokenizer
 from anychip.data.dataset import FORMAT, SPLITS, VERSION
 from anychip.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from anychip.errors import UserError, require
+from anychip.files import atomic_directory, check_new_directory
 
 # Text per encode_batch call: many documents so every core has work, few enough that the Encoding
 # objects (~100 bytes per token, with their token strings) stay small.
@@ -209,6 +208,18 @@ class _ShardWriter:
         return {"tokens": tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
 
 
+def _progress(texts: Iterable[str], doing: str, log: Callable[[str], None]) -> Iterator[str]:
+    """`texts`, with a line every PROGRESS_EVERY_S seconds saying how far the pass is."""
+    start = last = time.perf_counter()
+    n = chars = 0
+    for text in texts:
+        yield text
+        n, chars = n + 1, chars + len(text)
+        if time.perf_counter() - last >= PROGRESS_EVERY_S:
+            last = time.perf_counter()
+            log(f"{doing} {n:,} documents, {chars / 1e6:,.0f}M characters ({chars / 1e6 / (last - start):,.1f}M/s)")
+
+
 def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
     chunk, size = [], 0
     for text in texts:
@@ -260,19 +271,6 @@ def _skip_summary(skipped: Counter[str]) -> str:
     return ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in sorted(skipped.items())) or "nothing"
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    require(not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())),
-             f"{out_dir} already exists and is not empty; not overwriting it (choose another --out)")
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir to `out_dir`: the data dir appears complete or not at all."""
-    try:
-        os.rename(tmp, out_dir)  # atomic; replaces `out_dir` only if it is an empty directory
-    except OSError:
-        raise UserError(f"{out_dir} appeared while preparing and is not empty; not overwriting it") from None
-
-
 def prepare(inputs: list[str], out_dir: str | Path, *, vocab_size: int = 8192, tokenizer: str | None = None,
             val_fraction: float = 0.01, text_field: str = "text", parquet_column: str = "text",
             shard_tokens: int = 50_000_000, log: Callable[[str], None] = print) -> dict:
@@ -283,23 +281,15 @@ def prepare(inputs: list[str], out_dir: str | Path, *, vocab_size: int = 8192, t
     Returns the manifest.
     """
     out_dir = Path(out_dir).expanduser()
-    _check_out_dir(out_dir)
+    check_new_directory(out_dir)
     require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
     require(shard_tokens > 0, f"shard_tokens must be positive, got {shard_tokens}")
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tok is not None:
         eot_id(tok)  # fail now, not after reading the whole corpus
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
-    try:
-        manifest = _prepare_into(tmp, inputs, tok, vocab_size, val_fraction, text_field, parquet_column,
-                                 shard_tokens, log)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    with atomic_directory(out_dir) as tmp:  # removed on an error, Ctrl-C or SIGTERM
+        return _prepare_into(tmp, inputs, tok, vocab_size, val_fraction, text_field, parquet_column,
+                             shard_tokens, log)
 
 
 def _prepare_into(tmp: Path, inputs: list[str], tok: Tokenizer | None, vocab_size: int, val_fraction: float,
@@ -312,13 +302,14 @@ def _prepare_into(tmp: Path, inputs: list[str], tok: Tokenizer | None, vocab_siz
         return read_documents(files, counter, text_field, parquet_column)
 
     # First pass: count and hash documents, so empty or one-document corpora fail before any slow work.
-    hashes = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in docs(skipped)), dtype=np.uint32)
+    hashes = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in _progress(docs(skipped), "read", log)),
+                         dtype=np.uint32)
     log(f"read {len(files):,} files: {len(hashes):,} documents; skipped {_skip_summary(skipped)}")
     require(len(hashes) > 0, f"no text found in {_describe(inputs)} (skipped {_skip_summary(skipped)})")
     require(len(hashes) >= 2, f"only one document in {_describe(inputs)}; need at least 2 (train and val)")
     if tok is None:
         log(f"training a {vocab_size:,}-token byte-level BPE tokenizer")
-        tok = train_tokenizer(docs(Counter()), vocab_size)
+        tok = train_tokenizer(_progress(docs(Counter()), "tokenizer training read", log), vocab_size)
     save_tokenizer(tok, tmp / "tokenizer.json")
     splits = _write_shards(tok, docs(Counter()), hashes, assign_val(hashes, val_fraction), tmp, shard_tokens, log)
     manifest = {

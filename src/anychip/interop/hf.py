@@ -24,10 +24,11 @@ import safetensors
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from anychip.config import Config, ModelConfig, TrainConfig
+from anychip.config import CheckpointConfig, Config, ModelConfig, TrainConfig
 from anychip.data.prepare import find_files, read_documents
 from anychip.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from anychip.errors import UserError
+from anychip.files import atomic_directory, check_new_directory, read_text
 from anychip.model.params import Params, named_leaves, nest, param_table
 from anychip.train.checkpoint import checkpoint_meta, tokenizer_json
 from anychip.train.run_dir import RunDir, load_run
@@ -45,11 +46,6 @@ def to_hf_layout(x: np.ndarray, n_in: int) -> np.ndarray:
 
 def from_hf_layout(y: np.ndarray, shape: tuple[int, ...], n_in: int) -> np.ndarray:
     return y if n_in == 0 else y.T.reshape(shape)
-
-
-def _ensure_empty(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} already exists and is not empty; choose a new directory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,17 +121,21 @@ def write_hf_tokenizer(tokenizer: Any, out_dir: Path, max_len: int) -> None:
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write the newest checkpoint of `run_dir` as a transformers model directory `out_dir` (new or empty)."""
+    """Write the newest checkpoint of `run_dir` as a transformers model directory `out_dir` (new or empty).
+    It is built in a hidden sibling and renamed: complete, or (full disk, SIGTERM) not there at all."""
     out_dir = Path(out_dir)
-    _ensure_empty(out_dir)
+    check_new_directory(out_dir)
     cfg, params, tokenizer = load_run(run_dir)
     model, eot = cfg.model, eot_id(tokenizer)
     tensors = hf_state_dict(params, model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2))
-    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}))
-    write_safetensors(tensors, out_dir, max_shard_bytes)
-    write_hf_tokenizer(tokenizer, out_dir, model.max_seq_len)
+    with atomic_directory(out_dir) as tmp:
+        try:
+            (tmp / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2))
+            (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}))
+            write_safetensors(tensors, tmp, max_shard_bytes)
+            write_hf_tokenizer(tokenizer, tmp, model.max_seq_len)
+        except (OSError, safetensors.SafetensorError) as e:
+            raise UserError(f"{out_dir}: cannot write ({str(e).splitlines()[0]}); nothing was left there") from None
     return out_dir
 
 
@@ -144,44 +144,86 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} not found")
+    """A JSON object file; missing, non-UTF-8, not JSON or not an object: one line."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(read_text(path, path.name))
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "text", list: "a list"}
+_REQUIRED = object()
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):  # JSON true is no number
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _get(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """config.json's `key`, checked to be a `kind` (null counts as missing); a string "32" is not a number."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"config.json lacks {key}")
+        return default
+    if not _is_kind(value, kind):
+        raise UserError(f"config.json: {key} must be {_KINDS[kind]}, got {value!r}")
+    return value
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
-    """Plain RoPE only: transformers 5 writes rope_parameters, 4.x rope_theta and rope_scaling."""
-    rope = hf.get("rope_parameters") or {"rope_type": "default" if hf.get("rope_scaling") is None else "scaled",
-                                         "rope_theta": hf.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"rope scaling ({rope.get('rope_type')}) is not supported by anychip")
-    return float(rope.get("rope_theta", 10000.0))
+    """The base of plain RoPE, read as transformers 5 reads it: `rope_scaling` (4.x) when set, else
+    `rope_parameters`, their rope_theta before the top-level one. Every other form (linear, dynamic, yarn,
+    longrope, llama3, proportional scaling, partial rotary, per-layer-type parameters) is refused by name,
+    never dropped: it changes the rotation of every position."""
+    key = "rope_scaling" if hf.get("rope_scaling") is not None else "rope_parameters"
+    rope = hf.get(key) if hf.get(key) is not None else {}
+    if not isinstance(rope, dict):
+        raise UserError(f"config.json: {key} must be a mapping, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise UserError(f"config.json: {key} asks for {kind!r} RoPE scaling, which anychip does not implement "
+                        "(it imports plain RoPE only)")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise UserError(f"config.json: {key} gives RoPE parameters per layer type, which anychip does not implement")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UserError(f"config.json: partial_rotary_factor={partial!r} (RoPE on part of each head) is not "
+                        "implemented by anychip")
+    theta = _get(rope, "rope_theta", float, None)
+    return _get(hf, "rope_theta", float, 10000.0) if theta is None else theta
 
 
 def _has_sliding_window(hf: dict[str, Any]) -> bool:
     if hf.get("model_type") == "qwen3":
-        return bool(hf.get("use_sliding_window", False))
-    window = hf.get("sliding_window")
-    return window is not None and window < hf.get("max_position_embeddings", 0)  # as long as the context: none
+        return _get(hf, "use_sliding_window", bool, False)
+    window = _get(hf, "sliding_window", int, None)
+    return window is not None and window < _get(hf, "max_position_embeddings", int)  # the whole context: none
 
 
 def _check_supported(hf: dict[str, Any]) -> str:
     """The architecture name, or a one-line UserError naming the first unsupported feature."""
     if "auto_map" in hf:
         raise UserError("config.json asks for remote code (auto_map); anychip runs no downloaded code")
-    arch = (hf.get("architectures") or ["(none)"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES or len(hf["architectures"]) != 1:
+    archs = _get(hf, "architectures", list, ["(none)"])
+    arch = archs[0] if archs else "(none)"
+    if arch not in SUPPORTED_ARCHITECTURES or len(archs) != 1:
         raise UserError(f"architecture {arch} is not supported; anychip imports {', '.join(SUPPORTED_ARCHITECTURES)}")
-    hidden, heads = hf.get("hidden_size", 0), hf.get("num_attention_heads", 1)
+    hidden, heads = _get(hf, "hidden_size", int), _get(hf, "num_attention_heads", int)
     unsupported = {
-        "attention_bias": hf.get("attention_bias", False),
-        "mlp_bias": hf.get("mlp_bias", False),
-        f"hidden_act={hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": _get(hf, "attention_bias", bool, False),
+        "mlp_bias": _get(hf, "mlp_bias", bool, False),
+        f"hidden_act={hf.get('hidden_act')}": _get(hf, "hidden_act", str, "silu") != "silu",
         "a sliding attention window": _has_sliding_window(hf),
-        "head_dim != hidden_size / num_attention_heads": hf.get("head_dim", hidden // heads) * heads != hidden,
+        "head_dim != hidden_size / num_attention_heads":
+            heads > 0 and _get(hf, "head_dim", int, hidden // heads) * heads != hidden,
     }
     for feature, present in unsupported.items():
         if present:
@@ -192,23 +234,44 @@ def _check_supported(hf: dict[str, Any]) -> str:
 def model_config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     """The anychip model shape of a transformers config.json (a dict), if anychip runs it exactly."""
     arch = _check_supported(hf)
+    heads, rope_base = _get(hf, "num_attention_heads", int), _rope_theta(hf)
     try:
         return ModelConfig(
-            name=name, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"], rope_base=_rope_theta(hf),
-            norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch == "Qwen3ForCausalLM",
-            tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02),
+            name=name, vocab_size=_get(hf, "vocab_size", int), d_model=_get(hf, "hidden_size", int),
+            n_layers=_get(hf, "num_hidden_layers", int), n_heads=heads,
+            n_kv_heads=_get(hf, "num_key_value_heads", int, heads), d_ff=_get(hf, "intermediate_size", int),
+            max_seq_len=_get(hf, "max_position_embeddings", int), rope_base=rope_base,
+            norm_eps=_get(hf, "rms_norm_eps", float, 1e-6), qk_norm=arch == "Qwen3ForCausalLM",
+            tie_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+            init_std=_get(hf, "initializer_range", float, 0.02),
         )
-    except KeyError as e:
-        raise UserError(f"config.json lacks {e.args[0]}") from None
+    except UserError as e:  # the shape itself is impossible (zero heads, heads that do not divide, ...)
+        raise UserError(f"config.json does not describe a valid model: {e}") from None
+
+
+def _inside(hf_dir: Path, name: Any, where: str) -> Path:
+    """hf_dir/name, for a relative name that stays inside hf_dir (symlinks there, as in the HF cache, are
+    followed: they are the directory's own files)."""
+    if (not isinstance(name, str) or not name.strip() or "\x00" in name or Path(name).is_absolute()
+            or ".." in Path(name).parts):
+        raise UserError(f"{where} names {name!r}: only files inside {hf_dir} are read")
+    return hf_dir / name
 
 
 def weight_files(hf_dir: Path) -> list[Path]:
     """The safetensors files of a model directory; pickle-based weights are refused, never opened."""
-    if (hf_dir / "model.safetensors.index.json").is_file():
-        index = _read_json(hf_dir / "model.safetensors.index.json")
-        return [hf_dir / f for f in sorted(set(index["weight_map"].values()))]
+    index_path = hf_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index_path} has no weight_map (tensor name -> file)")
+        names = list(weight_map.values())
+        files = [_inside(hf_dir, f, str(index_path)) for f in names]  # refuses a non-text name too
+        files = sorted(set(files))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index_path} names {missing[0]}, which is not in {hf_dir}")
+        return files
     if (hf_dir / "model.safetensors").is_file():
         return [hf_dir / "model.safetensors"]
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -220,12 +283,18 @@ def weight_files(hf_dir: Path) -> list[Path]:
 
 
 def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    """Every tensor as fp32 numpy (through JAX, which, unlike numpy, reads bf16)."""
+    """Every tensor as fp32 numpy (through JAX, which, unlike numpy, reads bf16). A damaged header (a length
+    field past the end, bad JSON, offsets outside the file) or a tensor stored twice is one line."""
     out = {}
     for path in files:
-        with safetensors.safe_open(path, framework="flax") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+        try:
+            with safetensors.safe_open(path, framework="flax") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    if name in out:
+                        raise UserError(f"{path}: tensor {name} is also in another weight file")
+                    out[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+        except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
+            raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
     return out
 
 
@@ -311,9 +380,9 @@ def grow_vocabulary(params: Params, cfg: ModelConfig, first_new: int, n_tokens: 
 
 
 def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str) -> Path:
-    """A run directory (config.yaml, tokenizer.json, checkpoint 0 with a fresh optimizer state)."""
-    run = RunDir(cfg.run_dir)
-    run.write_files(cfg, tokenizer.to_str(pretty=True))
+    """A run directory (config.yaml, tokenizer.json, checkpoint 0 with a fresh optimizer state), built in a
+    hidden sibling and renamed: complete, or not there at all."""
+    final = Path(cfg.run_dir)
     trainer = build_trainer(cfg)
     shardings = trainer.state_shardings
     dtype = DTYPES[cfg.compute.param_dtype]
@@ -321,25 +390,31 @@ def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str) ->
     opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
     meta = checkpoint_meta(cfg, tokenizer_hash(tokenizer), imported_from=source)
-    ckpt = run.checkpointer()
-    try:
-        ckpt.save(0, state, meta, tokenizer=tokenizer_json(run.tokenizer))
-    finally:
-        ckpt.close()
-    return run.path
+    with atomic_directory(final) as tmp:
+        run = RunDir(tmp)
+        run.write_files(cfg, tokenizer.to_str(pretty=True))
+        ckpt = run.checkpointer(CheckpointConfig(async_save=False))
+        try:
+            ckpt.save(0, state, meta, tokenizer=tokenizer_json(run.tokenizer))
+        finally:
+            ckpt.close()
+    return final
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str] | None = None,
               extra_tokens: int = 0) -> Path:
     """Turn a transformers model directory (config.json, *.safetensors, tokenizer.json) into an anychip run
-    directory (new or empty) that `generate`, `eval` and `train init_from=` accept.
+    directory (new or empty) that `generate`, `eval` and `train init_from=` accept. Only files inside
+    `hf_dir` are read; a malformed config, index or safetensors header is a one-line UserError.
 
     With `extend_with` (files, folders, globs of a new corpus) the tokenizer gains up to `extra_tokens`
     tokens learned from it, and the embedding grows to match (see `grow_vocabulary`)."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    _ensure_empty(run_dir)
+    check_new_directory(run_dir)
     if bool(extend_with) != (extra_tokens > 0):
         raise UserError("extending the vocabulary needs both a corpus (extend_with) and extra_tokens > 0")
+    if not hf_dir.is_dir():
+        raise UserError(f"model directory not found: {hf_dir}")
     model = model_config_from_hf(_read_json(hf_dir / "config.json"), name=hf_dir.resolve().name)
     files = weight_files(hf_dir)
     tokenizer = _load_hf_tokenizer(hf_dir, model)

@@ -10,6 +10,7 @@ row has produced a stop token or `max_new_tokens` tokens.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -105,8 +106,9 @@ def _check_request(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: i
     ids = [t for p in prompts for t in p] + list(stop_tokens)
     if min(ids) < 0 or max(ids) >= cfg.vocab_size:
         raise UserError(f"token ids must be in [0, {cfg.vocab_size}), got {min(ids)}..{max(ids)}")
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise UserError("need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    if not (max_new_tokens >= 0 and top_k >= 0 and 0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN fails
+        raise UserError(f"need max_new_tokens >= 0, a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                        f"{max_new_tokens}, {temperature}, {top_k}, {top_p}")
     longest = max(len(p) for p in prompts)
     if longest >= cfg.max_seq_len:
         raise UserError(f"a prompt of {longest} tokens leaves no room in the model's max_seq_len={cfg.max_seq_len}")

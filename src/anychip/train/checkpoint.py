@@ -28,6 +28,7 @@ passed since the last save (agreed across processes), and at the end or a stop.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -44,7 +45,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from anychip import __version__
 from anychip.config import CheckpointConfig, Config, to_dict
-from anychip.errors import UserError
+from anychip.errors import DEBUG_ENV, UserError
+from anychip.files import check_writable, storage_error
 from anychip.parallel.distributed import Agreement
 
 ITEMS = ("state", "meta", "tokenizer", "fingerprints")
@@ -52,6 +54,19 @@ ITEMS = ("state", "meta", "tokenizer", "fingerprints")
 # directory is renamed, so that a test's SIGKILL lands inside the save. Unset in normal use.
 COMMIT_DELAY_ENV = "ANYCHIP_TEST_COMMIT_DELAY_S"
 SaveErrorPolicy = Literal["continue", "stop"]
+# A checkpoint takes about its arrays' bytes on disk (OCDBT adds little); this much more is kept free.
+SPACE_MARGIN_BYTES = 1 << 20
+
+
+class _QuietOrbax(logging.Filter):
+    """Orbax logs every failed write as an ERROR with a traceback, from several threads, and then raises
+    it; the Checkpointer turns the raised error into one line, so the logged copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname or bool(os.environ.get(DEBUG_ENV))
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 class CheckpointSaveError(UserError):
@@ -68,7 +83,10 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _manager_options(keep: int | None, keep_every: int, async_save: bool) -> ocp.CheckpointManagerOptions:
+def _manager_options(keep: int | None, keep_every: int, async_save: bool,
+                     read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    if read_only:  # a reader must not clean up the temporary directory of a save in flight elsewhere
+        return ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False, read_only=True)
     keep_policies: list[Any] = [policies.LatestN(keep) if keep else policies.PreserveAll()]
     if keep_every:
         keep_policies.append(policies.EveryNSteps(keep_every))
@@ -114,20 +132,27 @@ class Checkpointer:
     checkpoint whose step is a multiple of it. on_save_error: "stop" raises CheckpointSaveError,
     "continue" logs a warning and goes on; either way the earlier checkpoints are untouched.
     verify: fingerprint the arrays at save and check them at restore (see the module docstring for
-    the cost, and benchmarks/checkpoint_bench.py). schedule: when `maybe_save` saves.
+    the cost, and benchmarks/checkpoint_bench.py). schedule: when `maybe_save` saves. read_only: for
+    readers (eval, generate, export): creates nothing, deletes nothing, cannot save.
+
+    Storage faults are found before orbax starts a write (`check_storage`: the directory takes a file and
+    has room for the arrays), and a background write that fails is noticed at the next step (`poll`).
     """
 
     def __init__(self, directory: str | Path, *, keep: int | None = 3, keep_every: int = 0,
                  async_save: bool = True, on_save_error: SaveErrorPolicy = "stop", verify: bool = True,
-                 schedule: SaveSchedule | None = None, log: Callable[[str], None] = print):
+                 schedule: SaveSchedule | None = None, read_only: bool = False,
+                 log: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
-        self.on_save_error, self.verify, self.log = on_save_error, verify, log
+        self.on_save_error, self.verify, self.log, self.read_only = on_save_error, verify, log, read_only
         self.schedule = schedule or SaveSchedule()
         self._pending: int | None = None
         self._last_saved: int | None = None
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=_manager_options(keep, keep_every, async_save), item_names=ITEMS
-        )
+        options = _manager_options(keep, keep_every, async_save, read_only)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        except OSError as e:  # not creatable: read-only parent, a file in the way
+            raise storage_error(self.directory, e) from None
 
     @classmethod
     def from_config(cls, directory: str | Path, c: CheckpointConfig,
@@ -147,10 +172,30 @@ class Checkpointer:
     def maybe_save(self, step: int, state: Any, meta: Callable[[], dict[str, Any]],
                    tokenizer: dict[str, Any] | None = None, last: bool = False) -> None:
         """Save `step` if the schedule says so, or if `last` (the run's end, a stop), unless it is saved
-        already. `meta` is called only when saving (it may flush metrics first)."""
+        already. `meta` is called only when saving (it may flush metrics first). Called after every
+        step, it also reports a background save that failed since the last step (`poll`)."""
+        self.poll()
         if step in (self._last_saved, self.latest_step()) or not (last or self.schedule.due(step)):
             return
         self.save(step, state, meta(), tokenizer)
+
+    def poll(self) -> bool:
+        """If the save in flight has ended, collect its outcome now (a failure raises or warns as in
+        `save`) instead of at the next save; False if it failed under "continue"."""
+        if self._pending is None or self._manager.is_saving_in_progress():
+            return True
+        return self._finish_pending()
+
+    def check_storage(self, state: Any) -> None:
+        """UserError unless the checkpoint directory takes a file and has room for `state`'s arrays: a
+        read-only, full or missing directory is found before orbax starts (its failed background writes
+        otherwise wait minutes for each other)."""
+        need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + SPACE_MARGIN_BYTES
+        check_writable(self.directory)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise UserError(f"{self.directory}: no room for a checkpoint ({free / 2**20:,.1f} MiB free, a "
+                            f"checkpoint of this state takes about {need / 2**20:,.1f} MiB)")
 
     def save(self, step: int, state: Any, meta: dict[str, Any],
              tokenizer: dict[str, Any] | None = None) -> bool:
@@ -158,9 +203,16 @@ class Checkpointer:
 
         Returns False if it could not be started (or the previous save failed) under "continue".
         """
+        if self.read_only:
+            raise TypeError("a read-only Checkpointer cannot save")
         ok = self._finish_pending()
         self.schedule.saved()
         self._last_saved = step
+        try:
+            self.check_storage(state)
+        except UserError as e:
+            self._failed(step, e)
+            return False
         meta = {**meta, "step": step, "arrays": describe_arrays(state)}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if self.verify:
@@ -272,7 +324,14 @@ class Checkpointer:
         return target
 
     def close(self) -> bool:
-        ok = self._finish_pending()
+        """Wait for the save in flight and let go of the directory; False if that save failed. Never
+        raises for a failed save: close runs in `finally` blocks, where it must not hide the error that
+        is on its way (the failure is logged as a warning instead)."""
+        try:
+            ok = self._finish_pending()
+        except CheckpointSaveError as e:
+            self.log(f"warning: {e}")
+            ok = False
         self._manager.close()
         return ok
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from anychip.config import Config
 from anychip.data.dataset import TokenDataset
 from anychip.data.prepare import builtin_corpus
+from anychip.data.tokenizer import load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
 
 
@@ -20,13 +21,22 @@ def data_dir_for(cfg: Config, log: Callable[[str], None] = print) -> Path:
 
 
 def open_datasets(cfg: Config, data_dir: Path) -> tuple[TokenDataset, TokenDataset]:
-    """The train and val splits; the model's vocabulary must hold every token id of the tokenizer."""
+    """The train and val splits; the model's vocabulary must hold every token id of the tokenizer.
+
+    The vocabulary is the tokenizer's own, checked against the manifest's tokenizer hash, never the
+    manifest's vocab_size (a text field anyone can edit): a too-small embedding table would turn the
+    ids beyond it into NaN losses."""
     train_ds = TokenDataset(data_dir, "train", verify=cfg.data.verify_checksums)
     val_ds = TokenDataset(data_dir, "val", verify=cfg.data.verify_checksums)
-    if train_ds.vocab_size > cfg.model.vocab_size:
+    tokenizer = load_tokenizer(train_ds.tokenizer_path)
+    if tokenizer_hash(tokenizer) != train_ds.manifest["tokenizer_sha256"]:
+        raise UserError(f"{train_ds.tokenizer_path} is not the tokenizer {data_dir} was prepared with "
+                        "(its hash differs from manifest.json's); re-run anychip data prepare")
+    vocab_size = tokenizer.get_vocab_size()
+    if vocab_size > cfg.model.vocab_size:
         raise UserError(
-            f"the tokenizer of {data_dir} has {train_ds.vocab_size} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}; set model.vocab_size={train_ds.vocab_size} or prepare the data with a "
+            f"the tokenizer of {data_dir} has {vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size={vocab_size} or prepare the data with a "
             "smaller vocabulary"
         )
     return train_ds, val_ds

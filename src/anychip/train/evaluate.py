@@ -14,7 +14,7 @@ import numpy as np
 from anychip.config import Config, replace
 from anychip.data.dataset import TokenDataset
 from anychip.data.tokenizer import token_byte_lengths, tokenizer_hash
-from anychip.errors import UserError
+from anychip.errors import UserError, require
 from anychip.parallel import mesh as sharding
 from anychip.train.data import data_dir_for, open_datasets
 from anychip.train.metrics import Discard, MetricsWriter
@@ -58,6 +58,7 @@ def evaluate(trainer: Trainer, params: Any, ds: TokenDataset, max_batches: int |
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, max_batches: int | None = None) -> EvalResult:
     """`anychip eval`: held-out loss, perplexity and bits per byte of a run's newest checkpoint."""
+    require(max_batches is None or max_batches >= 1, f"max_batches must be at least 1, got {max_batches}")
     cfg, params, tokenizer = load_run(run_dir)
     if data is not None:
         cfg = replace(cfg, data={"path": data})

@@ -7,6 +7,8 @@ checkpointer and the non-finite guard, each of which decides for itself whether 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from anychip.cost import hardware
 from anychip.data.dataset import TokenDataset, sha256_file
 from anychip.data.tokenizer import load_tokenizer, token_byte_lengths
 from anychip.files import read_text
+from anychip.model.params import param_table
 from anychip.parallel import mesh as sharding
 from anychip.parallel.distributed import enable_compile_cache, initialize_distributed, is_main_process
 from anychip.train import memory
@@ -88,6 +91,7 @@ class Loop:
         self.evaluator = Evaluator(trainer, val_ds, byte_lengths, self.writer, log)
         self.tokenizer = tokenizer_json(self.train_ds.tokenizer_path)
         self.shard = sharding.data_shard(trainer.mesh, self.cfg.train.batch_size)  # this process's rows
+        self.n_params = sum(math.prod(spec.shape) for spec in param_table(self.cfg.model).values())
 
     def next_batch(self, step: int) -> jax.Array:
         t = self.cfg.train
@@ -132,6 +136,20 @@ class Loop:
         raise Preempted(f"stopped by {stop.name} at step {step}; its checkpoint could not be written (the "
                         "earlier ones are intact)", 128 + (stop.signum or signal.SIGTERM))
 
+    def train(self, state: TrainState) -> tuple[TrainState, EvalResult | None, EvalResult]:
+        """(final state, evaluation at step 0 unless resumed, final evaluation)."""
+        start = int(state.step)
+        self.log(f"model {self.cfg.model.name}: {self.n_params / 1e6:.2f}M parameters | {jax.device_count()} x "
+                 f"{hardware.detect().name} | mesh {dict(self.trainer.mesh.shape)} | {self.cfg.train.batch_size}x"
+                 f"{self.cfg.train.seq_len} tokens per step | run dir {self.run_dir}")
+        try:
+            with StopSignals(self.cfg.checkpoint.grace_s) as stop:
+                initial = self.evaluator.evaluate(start, state.params) if start == 0 else None
+                state = self.run(state, start, stop)
+                return state, initial, self.finish(state, start)
+        finally:
+            self.writer.close()
+
     def finish(self, state: TrainState, start: int) -> EvalResult:
         self.logger.flush()
         step = int(state.step)
@@ -143,36 +161,33 @@ class Loop:
 
 
 def train(cfg: Config, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Run (or resume) training as configured. Raises Preempted after SIGTERM/SIGINT."""
+    """Run (or resume) training as configured. Raises Preempted after SIGTERM/SIGINT, UserError (one line)
+    for bad input, a busy run directory or a storage fault."""
     cfg, log = start_up(cfg, log)
-    data_dir = data_dir_for(cfg, log)
-    train_ds, val_ds = open_datasets(cfg, data_dir)
-    trainer, run = build_trainer(cfg), RunDir(cfg.run_dir)
-    check_init_tokenizer(cfg, train_ds)
-    ckpt = run.checkpointer(cfg.checkpoint, log)
-    try:
-        state, resumed = start_state(trainer, run, ckpt, log)  # resume=never refuses before run_dir changes
-        if resumed is not None:
-            check_same_data(resumed, data_dir, train_ds, log)
-        if is_main_process():  # one writer per run; the other processes only read
-            run.write_files(cfg, read_text(train_ds.tokenizer_path), read_text(data_dir / "manifest.json"))
-            run.truncate_metrics(0 if resumed is None else resumed.get("metrics_bytes"), log)
-        start = int(state.step)
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | {jax.device_count()} x "
-            f"{hardware.detect().name} | mesh {dict(trainer.mesh.shape)} | {cfg.train.batch_size}x"
-            f"{cfg.train.seq_len} tokens per step | run dir {run}")
-        meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], sha256_file(data_dir / "manifest.json"))
-        loop = Loop(trainer, run, ckpt, (train_ds, val_ds), meta, start, log, callbacks)
+    run = RunDir(cfg.run_dir)
+    # One trainer per run dir, taken first (a second one is refused at once) and held before the
+    # checkpointer opens: opening deletes unfinished saves.
+    with run.locked(log) if is_main_process() else contextlib.nullcontext():
+        data_dir = data_dir_for(cfg, log)
+        train_ds, val_ds = open_datasets(cfg, data_dir)
+        trainer = build_trainer(cfg)
+        check_init_tokenizer(cfg, train_ds)
+        ckpt = run.checkpointer(cfg.checkpoint, log)
         try:
-            with StopSignals(cfg.checkpoint.grace_s) as stop:
-                initial = loop.evaluator.evaluate(start, state.params) if start == 0 else None
-                state = loop.run(state, start, stop)
-                final = loop.finish(state, start)
+            state, resumed = start_state(trainer, run, ckpt, log)  # resume=never refuses before run_dir changes
+            ckpt.check_storage(state)  # a read-only or full disk shows now, not at the first save
+            if resumed is not None:
+                check_same_data(resumed, data_dir, train_ds, log)
+            if is_main_process():  # one writer per run; the other processes only read
+                if resumed is None:
+                    run.set_aside_history(log)
+                run.write_files(cfg, read_text(train_ds.tokenizer_path), read_text(data_dir / "manifest.json"))
+                run.truncate_metrics(None if resumed is None else resumed.get("metrics_bytes"), log)
+            meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], sha256_file(data_dir / "manifest.json"))
+            loop = Loop(trainer, run, ckpt, (train_ds, val_ds), meta, int(state.step), log, callbacks)
+            state, initial, final = loop.train(state)
         finally:
-            loop.writer.close()
-    finally:
-        ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
+            ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
     logger = loop.logger
-    return TrainResult(str(run), int(state.step), n_params, state.params, initial, final, logger.first_loss,
+    return TrainResult(str(run), int(state.step), loop.n_params, state.params, initial, final, logger.first_loss,
                        logger.last_loss, logger.ledger(time.perf_counter(), int(state.step)))

@@ -4,8 +4,10 @@ one step late so the host never waits for the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import jax
 from anychip.config import Config
 from anychip.cost import hardware
 from anychip.errors import UserError
+from anychip.files import storage_error
 from anychip.model.flops import flops_per_token
 from anychip.parallel.distributed import is_main_process
 
@@ -32,11 +35,20 @@ def format_duration(seconds: float) -> str:
 
 class MetricsWriter:
     """Appends one JSON object per record to a metrics.jsonl, optionally mirrored to TensorBoard event
-    files in `tensorboard` (a directory)."""
+    files in `tensorboard` (a directory).
+
+    A row is whole or absent: it goes out in one unbuffered write, and a write cut short (a full disk)
+    is cut back to the end of the previous row before the one-line error is raised. A partial last line
+    left by a killed process is dropped when the file is opened (readers skip it too).
+    """
 
     def __init__(self, path: Path, tensorboard: Path | None = None):
         self.path = Path(path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._size = _drop_partial_last_line(self._fd)
+        except OSError as e:
+            raise storage_error(self.path, e) from None
         self._tb = None
         if tensorboard is not None:
             try:
@@ -46,17 +58,42 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(tensorboard))
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        row = (json.dumps(record) + "\n").encode("utf-8")
+        try:
+            done = 0
+            while done < len(row):  # a regular file takes it in one write unless the disk fills up
+                done += os.write(self._fd, row[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise storage_error(self.path, e, f"cannot append the row of step {record.get('step')}") from None
+        self._size += len(row)
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_partial_last_line(fd: int) -> int:
+    """Cut a file back to its last newline (a row a killed process left half-written); the new size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    keep = size
+    while keep > 0:
+        block = os.pread(fd, min(keep, 1 << 16), max(keep - (1 << 16), 0))
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            keep = keep - len(block) + newline + 1
+            break
+        keep -= len(block)
+    os.ftruncate(fd, keep)
+    return keep
 
 
 class Progress:

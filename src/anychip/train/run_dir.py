@@ -1,5 +1,6 @@
 """A run directory: every file a run keeps, and the one place that names them.
 
+    lock                 held by the one trainer of this directory; names it (host, pid, since)
     config.yaml          the resolved config (itself a valid config file)
     tokenizer.json       the tokenizer the run trains with
     data_manifest.json   the manifest of the data it trains on
@@ -7,18 +8,26 @@
     checkpoints/         numbered checkpoints (train/checkpoint.py); checkpoints.<reason>/: set aside
     report.png           `anychip report`
     tensorboard/         event files, with log.tensorboard=true
+    history/<time>/      an earlier run's files, moved here when a fresh start found them without a checkpoint
 
-Only process 0 writes the run's own files; orbax coordinates the checkpoints' writes itself.
+Only process 0 writes the run's own files and holds the lock; orbax coordinates the checkpoints' writes
+itself. Nothing here deletes history: it is moved aside (docs/robustness.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +36,20 @@ from tokenizers import Tokenizer
 from anychip.config import CheckpointConfig, Config, load_config, replace, save_config
 from anychip.data.tokenizer import load_tokenizer
 from anychip.errors import UserError
-from anychip.files import write_text_atomic
+from anychip.files import check_writable, storage_error, write_text_atomic
 from anychip.train.checkpoint import Checkpointer
 from anychip.train.step import abstract_state, build_trainer
+
+# flock on these filesystems says "not supported" rather than locking: training goes on, unguarded.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    lock_file = property(lambda self: self.path / "lock")
+    history = property(lambda self: self.path / "history")
     config = property(lambda self: self.path / "config.yaml")
     tokenizer = property(lambda self: self.path / "tokenizer.json")
     data_manifest = property(lambda self: self.path / "data_manifest.json")
@@ -47,11 +61,92 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    # -- one trainer per run directory -------------------------------------------------------
+
+    def make(self) -> None:
+        """Create the run directory and prove it takes a file (the checkpointer checks checkpoints/)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run_dir {self.path} is a file, not a directory; choose another run_dir")
+        check_writable(self.path)
+
+    @contextmanager
+    def locked(self, log: Callable[[str], None] = print) -> Iterator[None]:
+        """Hold the run directory for one trainer: a second one refuses at once, naming the holder.
+
+        An exclusive flock on RUN_DIR/lock; the kernel (or the NFS server) drops it when its process
+        dies, however it dies, so a lock file whose holder is gone is taken over with a warning. The
+        file's text names the holder; it is emptied when the holder ends normally, and removed with the
+        directory if this call created the directory and nothing else was written to it (a bad input).
+        """
+        created = not self.path.exists()
+        self.make()
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise storage_error(self.lock_file, e) from None
+        try:
+            self._acquire(fd, log)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # the disk went read-only meanwhile: close() still unlocks
+                os.ftruncate(fd, 0)  # free: the next trainer finds no holder to warn about
+                if created and [p.name for p in self.path.iterdir()] == [self.lock_file.name]:
+                    self.lock_file.unlink()
+                    self.path.rmdir()
+            os.close(fd)
+
+    def _acquire(self, fd: int, log: Callable[[str], None]) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            raise UserError(f"{self.path} is in use by another trainer ({holder}); wait for it to end or "
+                            "choose another run_dir") from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise storage_error(self.lock_file, e) from None
+            log(f"warning: {self.path} is on a filesystem without file locks: nothing stops a second trainer "
+                "from using it at the same time (docs/robustness.md)")
+        previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if previous:
+            log(f"warning: taking over the lock of {self.path} from {previous}, which is no longer running")
+        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        holder = f"host {socket.gethostname()}, pid {os.getpid()}, since {since}".encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
+        except OSError as e:
+            raise storage_error(self.lock_file, e) from None
+
+    def set_aside_history(self, log: Callable[[str], None]) -> None:
+        """A fresh start where an earlier run left metrics but no checkpoint: move that run's files to
+        history/<time>/ instead of writing over them."""
+        if not (self.metrics_bytes() or self.tensorboard.exists()):
+            return
+        dest = self.history / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while dest.exists():
+            dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+        moved = [p for p in (self.metrics, self.config, self.tokenizer, self.data_manifest, self.report,
+                             self.tensorboard) if p.exists()]
+        try:
+            dest.mkdir(parents=True)
+            for path in moved:
+                os.replace(path, dest / path.name)
+        except OSError as e:
+            raise storage_error(dest, e, "cannot move the earlier run's files aside") from None
+        log(f"starting fresh: {self.checkpoints} holds no checkpoint; moved the earlier run's "
+            f"{', '.join(p.name for p in moved)} to {dest}")
+
     # -- the run's own files ----------------------------------------------------------------
 
     def write_files(self, cfg: Config, tokenizer_json: str, data_manifest_json: str | None = None) -> None:
         """config.yaml, tokenizer.json and (when training on prepared data) data_manifest.json."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         save_config(cfg, self.config)
         write_text_atomic(self.tokenizer, tokenizer_json)
         if data_manifest_json is not None:
@@ -63,9 +158,10 @@ class RunDir:
         return load_config(self.config)
 
     def checkpointer(self, c: CheckpointConfig | None = None, log: Callable[[str], None] = print) -> Checkpointer:
-        """The run's checkpoints; without a checkpoint config, synchronous saves (imports, readers)."""
+        """The run's checkpoints as configured (trainers, imports); without a config, read-only (eval,
+        generate, export: they may run next to a trainer and must not touch its saves in flight)."""
         if c is None:
-            return Checkpointer(self.checkpoints, async_save=False, log=log)
+            return Checkpointer(self.checkpoints, read_only=True, log=log)
         return Checkpointer.from_config(self.checkpoints, c, log)
 
     # -- metrics.jsonl ----------------------------------------------------------------------
@@ -74,16 +170,19 @@ class RunDir:
         return self.metrics.stat().st_size if self.metrics.is_file() else 0
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every row of metrics.jsonl; a last line cut short by a crash is left out."""
-        if not self.metrics.is_file():
-            return []
+        """Every row of metrics.jsonl (objects with an integer step); a last line cut short by a crash, or
+        a line damaged otherwise, is left out."""
+        try:
+            text = self.metrics.read_text(encoding="utf-8", errors="replace") if self.metrics.is_file() else ""
+        except OSError as e:
+            raise storage_error(self.metrics, e, "cannot read") from None
         rows = []
-        for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in text.splitlines():
             try:
                 rows.append(json.loads(line))
             except ValueError:
                 continue  # a row half-written when the process died: the resumed run writes it again
-        return [r for r in rows if isinstance(r, dict)]
+        return [r for r in rows if isinstance(r, dict) and type(r.get("step")) is int]
 
     def truncate_metrics(self, keep: int | None, log: Callable[[str], None]) -> None:
         """Cut metrics.jsonl back to `keep` bytes, its length when the restored checkpoint was written (0:
