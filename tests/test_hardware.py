@@ -9,6 +9,7 @@ import pytest
 from anychip.cost import hardware
 from anychip.errors import UserError
 
+
 @pytest.fixture(scope="module")
 def catalog() -> hardware.Catalog:
     return hardware.load_catalog()
