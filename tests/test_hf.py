@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from anychip.config import Config, ModelConfig, TrainConfig, load_config
+from anychip.data.chat import PromptTokenizer, SpecialTokens
 from anychip.data.prepare import prepare
 from anychip.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from anychip.errors import UserError
@@ -112,9 +113,11 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, tokenizer, token
     assert type(hf).__name__ == ("Qwen3ForCausalLM" if model.qk_norm else "LlamaForCausalLM")
     np.testing.assert_allclose(hf_logits(hf, token_ids), anychip_logits(run, token_ids), atol=ATOL)
     hf_tok = AutoTokenizer.from_pretrained(out)
-    for text in ["the lazy cat", "  two  spaces\nand ünïcode", "literal <|endoftext|> is text"]:
-        assert hf_tok(text)["input_ids"] == tokenizer.encode(text).ids
+    prompts = PromptTokenizer(tokenizer, SpecialTokens.defaults(tokenizer))
+    for text in ["the lazy cat", "  two  spaces\nand ünïcode", "<|endoftext|> is the token in a prompt"]:
+        assert hf_tok(text)["input_ids"] == prompts.encode(text)
         assert hf_tok.decode(tokenizer.encode(text).ids) == text
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|endoftext|>",) * 3
 
     back = import_hf(out, tmp_path / "back")
     cfg, restored, _ = load_run(back)
@@ -197,7 +200,8 @@ def test_vocabulary_extension(tmp_path, tokenizer):
 
 
 def test_continued_pretraining_from_an_import_lowers_held_out_loss(tmp_path, tokenizer):
-    # transformers' own init scale; a 32-token context makes the imported run's train.seq_len 32.
+    # transformers' own init scale; a 32-token context makes the imported run's train.seq_len 32. A random
+    # model knows nothing to keep, so it trains at the from-scratch rate rather than the import's 1e-4.
     make_hf_model(tmp_path / "hf", tokenizer, scale=0.02, max_position_embeddings=32)
     run = import_hf(tmp_path / "hf", tmp_path / "run")
     data = tmp_path / "data"
