@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anychip.train.evaluate import evaluate_run
 
     if args.tasks:
-        from anychip.interop.lm_eval import run_tasks
+        from anychip.interop.harness import run_tasks
 
         print(run_tasks(args.run_dir, args.tasks, batch_size=args.batch_size or 8, limit=args.limit,
                         dtype=args.dtype, num_fewshot=args.num_fewshot, output=args.output))
@@ -103,6 +103,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          chat=args.chat, stop=args.stop, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(text if args.chat else args.prompt + text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from anychip.interop.serve import serve
+
+    serve(args.run_dir, args.host, args.port, slots=args.slots, max_queue=args.max_queue,
+          max_seq_len=args.max_seq_len, dtype=args.dtype, model_name=args.model_name)
     return 0
 
 
@@ -240,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (pip install -e '.[serve]')")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only: there is no "
+                   "authentication)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (the batch of each step)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before a 429")
+    p.add_argument("--max-seq-len", type=int, help="tokens per sequence, prompt included (default: the model's "
+                   "max_seq_len); the KV cache holds slots x this")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute and KV-cache dtype")
+    p.add_argument("--model-name", help="the model id clients ask for (default: the run dir's name)")
+    p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("report", help="plot loss and throughput curves of a run to a PNG")
     p.add_argument("run_dir")

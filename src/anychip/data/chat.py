@@ -90,13 +90,13 @@ class PromptTokenizer:
         as transformers' `tokenizer(text)` does. Chat prompts pass False: the template wrote them."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids` without special tokens (what OpenAI-style servers return)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`, by default without special tokens (what OpenAI-style servers return)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (logprob listings)."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.decode([token_id], skip_special_tokens=False)
 
     def first_token(self) -> int:
         """Where an empty prompt starts: bos, else the first end-of-sequence token (a document boundary)."""
