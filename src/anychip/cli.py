@@ -82,6 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anychip.train.evaluate import evaluate_run
 
     if args.tasks:
+        require_extra("lm_eval", "eval")
         from anychip.interop.harness import run_tasks
 
         print(run_tasks(args.run_dir, args.tasks, batch_size=args.batch_size or 8, limit=args.limit,
@@ -106,7 +107,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_extra(module: str, extra: str) -> None:
+    """A one-line error, not an ImportError traceback, when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"this needs the '{extra}' extra: pip install -e '.[{extra}]'")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    require_extra("uvicorn", "serve")
+    require_extra("starlette", "serve")
     from anychip.interop.serve import serve
 
     serve(args.run_dir, args.host, args.port, slots=args.slots, max_queue=args.max_queue,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from anychip.data.chat import PromptTokenizer
+from anychip.errors import UserError, require
 from anychip.interop import openai_api as api
 from anychip.interop.engine import Engine, Event, Finished, Prompt, QueueFull, Token
 from anychip.interop.openai_api import APIError, ChoiceText, Job
@@ -275,6 +276,17 @@ async def _until_disconnect(request: Any, work: Any) -> Any:
     return task.result()
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any compute: a port in use fails at once, and port 0 works."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    return sock
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, slots: int = 8,
           max_queue: int = 64, max_seq_len: int | None = None, dtype: str = "float32",
           model_name: str | None = None, log: Any = None) -> None:
@@ -284,7 +296,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, slo
     from anychip.train.run_dir import RunDir, load_run
     from anychip.train.step import DTYPES
 
+    require(slots > 0 and max_queue >= 0, f"need --slots > 0 and --max-queue >= 0, got {slots} and {max_queue}")
+    require(0 <= port < 65536, f"--port must be in [0, 65535], got {port}")
     log = log or (lambda message: print(message, flush=True))
+    sock = _listen(host, port)
     cfg, params, tokenizer = load_run(run_dir)
     prompts = RunDir(run_dir).prompt_tokenizer(tokenizer)
     engine = Engine(params, cfg.model, slots=slots, max_seq_len=max_seq_len, max_queue=max_queue,
@@ -293,11 +308,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, slo
     log(f"anychip serve: compiling ({slots} slots x {engine.max_seq_len} tokens, KV cache "
         f"{engine.cache_bytes / 2**20:,.1f} MiB, {dtype})")
     warm = engine.warm_up()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))  # bound here, so port 0 works and the line below says the real port
-    bound = sock.getsockname()[1]
     config = uvicorn.Config(build_app(engine, prompts, model), log_level="warning",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    log(f"anychip serve: model '{model}' ready on http://{host}:{bound}/v1 (compiled in {warm:.1f}s)")
+    netloc = f"[{host}]" if ":" in host else host
+    log(f"anychip serve: model '{model}' ready on http://{netloc}:{sock.getsockname()[1]}/v1 "
+        f"(compiled in {warm:.1f}s)")
     uvicorn.Server(config).run(sockets=[sock])  # re-raises a SIGTERM it caught once it has drained
