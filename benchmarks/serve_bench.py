@@ -25,6 +25,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -34,13 +35,14 @@ from anychip.interop.hf import export_hf, write_run
 from anychip.model.params import init_params
 
 
-def make_model(preset: str, folder: Path) -> tuple[Path, Path]:
-    """(anychip run dir, its Hugging Face export) of a random `preset` model with a BPE of its vocabulary."""
+def make_model(preset: str, folder: Path) -> tuple[Path, Path, Any]:
+    """(anychip run dir, its Hugging Face export, the tokenizer) of a random `preset` model with a BPE of its
+    vocabulary."""
     cfg = replace(Config(), model=preset, run_dir=str(folder / "run"))
     texts = [" ".join(f"item {i * j % 997} of row {j} weighs {i + j} grams;" for j in range(60)) for i in range(400)]
     tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
     write_run(cfg, init_params(cfg.model, jax.random.key(0)), tokenizer, source="serve_bench")
-    return folder / "run", export_hf(folder / "run", folder / "hf")
+    return folder / "run", export_hf(folder / "run", folder / "hf"), tokenizer
 
 
 class Server:
@@ -109,9 +111,10 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        run, hf = make_model(args.model, Path(tmp))
-        prompt = list(range(1, args.prompt_tokens + 1))  # token ids: the same prompt for both servers
-        body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
+        run, hf, tokenizer = make_model(args.model, Path(tmp))
+        words = " ".join(f"item {i} of row {i % 7} weighs {i % 13} grams;" for i in range(args.prompt_tokens))
+        prompt = tokenizer.decode(tokenizer.encode(words).ids[:args.prompt_tokens])  # text: transformers serve
+        body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}  # takes no token ids
         servers = {
             "anychip": lambda port: Server("anychip", [sys.executable, "-m", "anychip.cli", "serve", str(run),
                                                        "--port", str(port), "--slots", str(args.slots),

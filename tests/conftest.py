@@ -55,7 +55,7 @@ def chat_run(tmp_path_factory):
     tok = train_tokenizer([f"the quick brown fox jumps over the lazy dog {i}. " * 3 for i in range(300)], 400)
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
     run_dir = tmp_path_factory.mktemp("chat_run") / "tiny-chat"
-    model = {"preset": "tiny", "vocab_size": 512, "init_std": 0.3, "max_seq_len": 1024}
+    model = {"preset": "tiny", "vocab_size": 512, "init_std": 0.3}
     cfg = replace(Config(), model=model, run_dir=str(run_dir))
     write_run(cfg, init_params(cfg.model, jax.random.key(0)), tok, "test",
               SpecialTokens(EOT, ("<|im_end|>", EOT), EOT, CHATML))

@@ -1,6 +1,6 @@
 """`anychip serve` with real clients: the openai package, lm-eval's local-completions, raw sockets for faults.
 
-One server process (tiny random model, 4 slots, 12 waiting places) serves every test of this module; the
+One server process (tiny random model, 4 slots of 256 tokens, 12 waiting places) serves every test of this module; the
 last test stops it with SIGTERM. Expected outputs come from anychip's own one-shot decoder and forward
 pass in this process, so the server's engine (slot-batched KV cache, per-row sampling) is checked against
 independent code paths.
@@ -191,8 +191,8 @@ def test_echo_with_logprobs_scores_the_prompt_like_the_forward_pass(client, mode
 
 
 def test_bad_requests_get_openai_style_errors(client, server):
-    cases = [({"prompt": [5] * 1030}, "maximum context length is 1024"),
-             ({"prompt": "the", "max_tokens": 1030}, "maximum context length"),
+    cases = [({"prompt": [5] * 260}, "maximum context length is 256"),
+             ({"prompt": "the", "max_tokens": 256}, "maximum context length"),
              ({"prompt": "the", "temperature": 3}, "temperature"),
              ({"prompt": "the", "logprobs": 21}, "logprobs"),
              ({"prompt": [600]}, "token ids"),
@@ -220,7 +220,7 @@ def test_lm_eval_local_completions_scores_equal_anychips_loglikelihoods(server, 
         model="local-completions", tasks=["toy_mc"], log_samples=True,
         task_manager=TaskManager(include_path=str(lm_eval_tasks), include_defaults=False),
         model_args={"base_url": server.url + "/completions", "model": MODEL, "num_concurrent": 4,
-                    "max_retries": 1, "max_length": 1024})
+                    "max_retries": 1, "max_length": 256})
 
     docs = [json.loads(line) for line in (lm_eval_tasks / "toy.jsonl").read_text().splitlines()]
     correct = 0
@@ -274,7 +274,7 @@ def _send(port, body):
 
 
 def test_a_full_queue_answers_429_and_clients_that_leave_free_their_slots(server):
-    long = {"model": MODEL, "prompt": "the", "max_tokens": 1000, "ignore_eos": True}
+    long = {"model": MODEL, "prompt": "the", "max_tokens": 250, "ignore_eos": True}
     before = server.get("/health")["cancelled"]
     socks = [_send(server.port, long) for _ in range(16)]  # 4 slots + 12 waiting places
     server.wait_for(lambda h: h["running"] + h["waiting"] == 16)
@@ -282,7 +282,7 @@ def test_a_full_queue_answers_429_and_clients_that_leave_free_their_slots(server
     assert status == 429 and error["error"]["type"] == "rate_limit_error", error
     for sock in socks:
         sock.close()
-    # 16 requests of 1,000 tokens are ~4,000 decode steps; gone clients stop theirs at the next one.
+    # 16 requests of 250 tokens are ~1,000 decode steps; gone clients stop theirs at the next one.
     server.wait_for(lambda h: h["running"] == 0 and h["waiting"] == 0)
     assert server.get("/health")["cancelled"] - before == 16
 
@@ -290,12 +290,12 @@ def test_a_full_queue_answers_429_and_clients_that_leave_free_their_slots(server
 def test_sigterm_lets_requests_in_flight_finish_then_exits(server, client):
     result = {}
     thread = threading.Thread(target=lambda: result.update(out=client.completions.create(
-        model=MODEL, prompt="the", max_tokens=300, temperature=0, extra_body={"ignore_eos": True})))
+        model=MODEL, prompt="the", max_tokens=250, temperature=0, extra_body={"ignore_eos": True})))
     thread.start()
     server.wait_for(lambda h: h["running"] == 1)
     server.proc.send_signal(signal.SIGTERM)
     thread.join(timeout=120)
-    assert result["out"].usage.completion_tokens == 300 and result["out"].choices[0].finish_reason == "length"
+    assert result["out"].usage.completion_tokens == 250 and result["out"].choices[0].finish_reason == "length"
     assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained for
     assert "anychip serve: stopped" in "".join(server.lines)
     with pytest.raises(OSError):

@@ -113,38 +113,57 @@ class _Sequence:
 # The compiled parts
 
 
-def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                  top_k_cap: int, use_top_p: bool) -> jax.Array:
     """Per row (B, V): temperature, then top-k (0: off; ties with the k-th kept), then top-p (1: off), as
-    `generate.sample` does with one setting for the whole batch; filtered logits are -inf."""
+    `generate.sample` does with one setting for the whole batch; filtered logits are -inf. top_k_cap (a
+    static bound on the rows' k, 0 when none filters) and use_top_p spare the sorts when no row needs them."""
     logits = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
-    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), (k - 1)[:, None], axis=-1)  # (B, 1)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jnp.where((top_p < 1)[:, None], top_p_filter(logits, top_p[:, None]), logits)
+    if top_k_cap:
+        largest = jax.lax.top_k(logits, top_k_cap)[0]  # (B, cap), descending
+        kth = jnp.take_along_axis(largest, (jnp.clip(top_k, 1, top_k_cap) - 1)[:, None], axis=-1)  # (B, 1)
+        logits = jnp.where((top_k > 0)[:, None] & (logits < kth), -jnp.inf, logits)
+    if use_top_p:
+        logits = jnp.where((top_p < 1)[:, None], top_p_filter(logits, top_p[:, None]), logits)
+    return logits
 
 
-def _choose(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
-            top_p: jax.Array, n_top: int) -> tuple[jax.Array, ...]:
-    """fp32 logits (B, V) → the sampled tokens (B,), their log-probabilities (B,) and the n_top most likely
-    tokens with theirs (B, n_top) each."""
+def _choose(logits: jax.Array, sampling: tuple[jax.Array, ...], top_k_cap: int, use_top_p: bool):
+    """fp32 logits (B, V) → the sampled tokens (B,), their log-probabilities (B,) and the MAX_TOP_LOGPROBS
+    most likely tokens with theirs (B, MAX_TOP_LOGPROBS) each. sampling: (seeds, steps, temperature,
+    top_k, top_p), one entry per row."""
+    seeds, steps, temperature, top_k, top_p = sampling
     logp = jax.nn.log_softmax(logits, axis=-1)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-    sampled = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, temperature, top_k, top_p))
+    filtered = filter_logits(logits, temperature, top_k, top_p, top_k_cap=top_k_cap, use_top_p=use_top_p)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
     token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-    top_lp, top_ids = jax.lax.top_k(logp, n_top)
+    top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-@partial(jax.jit, static_argnames=("cfg", "compute_dtype", "with_prompt"), donate_argnames="cache")
+def _prefix(cache: KVCache, length: int) -> KVCache:
+    return KVCache(*(c[:, :, :, :length] for c in cache))
+
+
+def _put_prefix(cache: KVCache, part: KVCache, slot: jax.Array | int = 0) -> KVCache:
+    """`part` (L, b, KV, length, hd) written into `cache` at rows slot.. and positions 0.."""
+    return KVCache(*(jax.lax.dynamic_update_slice(c, p, (0, slot, 0, 0, 0)) for c, p in zip(cache, part)))
+
+
+@partial(jax.jit, static_argnames=("cfg", "compute_dtype", "with_prompt", "top_k_cap", "use_top_p"),
+         donate_argnames="cache")
 def _prefill(params: Params, cache: KVCache, slot: jax.Array, tokens: jax.Array, length: jax.Array,
-             sampling: tuple[jax.Array, ...], *, cfg: ModelConfig, compute_dtype: Any, with_prompt: bool):
+             sampling: tuple[jax.Array, ...], *, cfg: ModelConfig, compute_dtype: Any, with_prompt: bool,
+             top_k_cap: int, use_top_p: bool):
     """A right-padded prompt (1, P) of `length` tokens into cache row `slot`; samples its first token.
-    with_prompt: also each prompt token's log-probability and the top alternatives at every position."""
-    row = KVCache(*(jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1) for c in cache))  # (L, 1, KV, S, hd)
-    positions = jnp.arange(tokens.shape[1])[None, :]
-    h, row = cached_hidden_states(params, tokens, positions, row, cfg, compute_dtype=compute_dtype)  # (1, P, D)
-    cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1) for c, r in zip(cache, row)))
-    first = _choose(unembed(params, h[:, length - 1], cfg), *sampling, n_top=MAX_TOP_LOGPROBS)
+    Only the row's first P positions take part (nothing later is attended to). with_prompt: also each
+    prompt token's log-probability and the top alternatives at every position."""
+    P = tokens.shape[1]
+    row = _prefix(KVCache(*(jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1) for c in cache)), P)  # (L, 1, KV, P, hd)
+    h, row = cached_hidden_states(params, tokens, jnp.arange(P)[None, :], row, cfg, compute_dtype=compute_dtype)
+    cache = _put_prefix(cache, row, slot)
+    first = _choose(unembed(params, h[:, length - 1], cfg), sampling, top_k_cap, use_top_p)
     if not with_prompt:
         return cache, first, None
     logp = jax.nn.log_softmax(unembed(params, h[0, :-1], cfg), axis=-1)  # (P-1, V): predicts tokens 1..P-1
@@ -152,13 +171,18 @@ def _prefill(params: Params, cache: KVCache, slot: jax.Array, tokens: jax.Array,
     return cache, first, (jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0], top_ids, top_lp)
 
 
-@partial(jax.jit, static_argnames=("cfg", "compute_dtype"), donate_argnames="cache")
+@partial(jax.jit, static_argnames=("cfg", "compute_dtype", "length", "top_k_cap", "use_top_p"),
+         donate_argnames="cache")
 def _decode_step(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-                 sampling: tuple[jax.Array, ...], *, cfg: ModelConfig, compute_dtype: Any):
-    """One token for every slot: tokens (B,) at positions (B,) → the cache and `_choose`'s outputs."""
-    h, cache = cached_hidden_states(params, tokens[:, None], positions[:, None], cache, cfg,
-                                    compute_dtype=compute_dtype)  # (B, 1, D)
-    return cache, _choose(unembed(params, h[:, 0], cfg), *sampling, n_top=MAX_TOP_LOGPROBS)
+                 sampling: tuple[jax.Array, ...], *, cfg: ModelConfig, compute_dtype: Any, length: int,
+                 top_k_cap: int, use_top_p: bool):
+    """One token for every slot: tokens (B,) at positions (B,), all < `length` → the cache and `_choose`'s
+    outputs. Attention reads the cache's first `length` positions only: a step costs what the longest
+    sequence needs (rounded up to a power of two), not the whole cache."""
+    part = _prefix(cache, length)
+    h, part = cached_hidden_states(params, tokens[:, None], positions[:, None], part, cfg,
+                                   compute_dtype=compute_dtype)  # (B, 1, D)
+    return _put_prefix(cache, part), _choose(unembed(params, h[:, 0], cfg), sampling, top_k_cap, use_top_p)
 
 
 def _sampling_arrays(requests: list[Request | None], steps: list[int]) -> tuple[np.ndarray, ...]:
@@ -167,6 +191,14 @@ def _sampling_arrays(requests: list[Request | None], steps: list[int]) -> tuple[
     return (np.array([r.seed for r in rows], np.uint32), np.array(steps, np.int32),
             np.array([r.temperature for r in rows], np.float32), np.array([r.top_k for r in rows], np.int32),
             np.array([r.top_p for r in rows], np.float32))
+
+
+def _filters(requests: list[Request], vocab_size: int) -> dict[str, Any]:
+    """The static sampler variant a batch needs: top-k up to the next power of two of its largest k (one
+    compiled step per bound, not per k), top-p only if a row asks for it."""
+    k = max((r.top_k for r in requests if r.temperature > 0), default=0)
+    return {"top_k_cap": k and min(_bucket(k), vocab_size),
+            "use_top_p": any(r.top_p < 1 and r.temperature > 0 for r in requests)}
 
 
 def _top(ids: np.ndarray, logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
@@ -186,7 +218,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.compute_dtype = compute_dtype
         self.params = jax.jit(_cast_matrices, static_argnums=(1, 2))(params, cfg, compute_dtype)
-        self.cache = init_cache(cfg, slots, self.max_seq_len, compute_dtype)
+        # Made by a jitted function, like every later cache (a step's output): a jit specializes on whether its
+        # inputs are committed to a device, and an eager zeros array is not, so warm-up would compile for nothing.
+        self.cache = jax.jit(init_cache, static_argnums=(0, 1, 2, 3))(cfg, slots, self.max_seq_len, compute_dtype)
         self.running: list[_Sequence | None] = [None] * slots
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.steps = 0  # decode steps run so far (each advances every occupied slot by one token)
@@ -243,11 +277,20 @@ class Engine:
         return seq.handle
 
     def warm_up(self) -> float:
-        """Compile the decode step and the shortest prompt bucket (seconds): the first client does not wait."""
+        """Before `start`: compile the shortest prompt bucket and the decode step at every cache length, so
+        no client waits for a compilation of the common path (greedy or plain temperature sampling).
+        Returns the seconds it took."""
+        assert not self._thread.is_alive(), "warm up before start()"
         t0 = time.perf_counter()
-        done = threading.Event()
-        self.submit(Request((0,), max_tokens=2, temperature=0.0), lambda e: done.set() if isinstance(e, Finished) else None)
-        done.wait()
+        self._prefill(0, _Sequence(Request((0,), max_tokens=0), lambda _: None, Handle()))
+        idle, sampling = np.zeros(self.slots, np.int32), _sampling_arrays([None] * self.slots, [0] * self.slots)
+        length = 0
+        while length < self.max_seq_len:
+            length = min(_bucket(length + 1), self.max_seq_len)
+            self.cache, out = _decode_step(self.params, self.cache, idle, idle, sampling, cfg=self.cfg,
+                                           compute_dtype=self.compute_dtype, length=length,
+                                           **_filters([], self.cfg.vocab_size))
+        jax.block_until_ready(out)
         return time.perf_counter() - t0
 
     def _loop(self) -> None:
@@ -291,7 +334,7 @@ class Engine:
         tokens[0, :n] = r.prompt
         self.cache, first, prompt = _prefill(
             self.params, self.cache, np.int32(slot), tokens, np.int32(n), _sampling_arrays([r], [0]),
-            cfg=self.cfg, compute_dtype=self.compute_dtype, with_prompt=r.prompt_logprobs)
+            cfg=self.cfg, compute_dtype=self.compute_dtype, with_prompt=r.prompt_logprobs, **_filters([r], self.cfg.vocab_size))
         if prompt is not None:
             lp, ids, top = (np.asarray(x)[:n - 1] for x in prompt)
             seq.emit(Prompt(lp.tolist(), [_top(i, t, r.top_logprobs) for i, t in zip(ids, top)]))
@@ -304,8 +347,10 @@ class Engine:
         tokens = np.array([s.last if s else 0 for s in self.running], np.int32)
         positions = np.array([s.position if s else 0 for s in self.running], np.int32)
         sampling = _sampling_arrays([s and s.request for s in self.running], [s.generated if s else 0 for s in self.running])
+        requests = [s.request for s in self.running if s is not None]
+        length = min(_bucket(int(positions.max()) + 1), self.max_seq_len)
         self.cache, out = _decode_step(self.params, self.cache, tokens, positions, sampling, cfg=self.cfg,
-                                       compute_dtype=self.compute_dtype)
+                                       compute_dtype=self.compute_dtype, length=length, **_filters(requests, self.cfg.vocab_size))
         token, logprob, top_ids, top_lp = (np.asarray(x) for x in out)
         self.steps += 1
         for slot, seq in enumerate(self.running):

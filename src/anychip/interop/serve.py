@@ -303,11 +303,12 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, slo
     cfg, params, tokenizer = load_run(run_dir)
     prompts = RunDir(run_dir).prompt_tokenizer(tokenizer)
     engine = Engine(params, cfg.model, slots=slots, max_seq_len=max_seq_len, max_queue=max_queue,
-                    compute_dtype=DTYPES[dtype], log=log).start()
+                    compute_dtype=DTYPES[dtype], log=log)
     model = model_name or Path(run_dir).resolve().name
     log(f"anychip serve: compiling ({slots} slots x {engine.max_seq_len} tokens, KV cache "
         f"{engine.cache_bytes / 2**20:,.1f} MiB, {dtype})")
     warm = engine.warm_up()
+    engine.start()
     config = uvicorn.Config(build_app(engine, prompts, model), log_level="warning",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     netloc = f"[{host}]" if ":" in host else host
