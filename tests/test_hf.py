@@ -210,7 +210,7 @@ def test_continued_pretraining_from_an_import_lowers_held_out_loss(tmp_path, tok
     before = evaluate_run(run, data=str(data)).loss  # every val window, as the final eval below
     cfg = load_config(run / "config.yaml", [
         f"init_from={run}", f"run_dir={tmp_path / 'cpt'}", f"data.path={data}", "train.steps=40",
-        "compute.dtype=float32", "optim.warmup_steps=5", "eval.every=1000",
+        "compute.dtype=float32", "optim.lr=3e-3", "optim.warmup_steps=5", "eval.every=1000",
         "checkpoint.every_steps=0", "eval.batches=1000",
     ])
     lines = []
