@@ -33,3 +33,61 @@ def small_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "data"
     prepare([str(src)], out, vocab_size=512, val_fraction=0.1, log=lambda _: None)
     return out
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """A tiny random run (no training: serving and scoring need none) with ChatML control tokens, a chat
+    template, and <|im_end|> then <|endoftext|> as its end-of-sequence tokens. init_std 0.3 spreads the
+    logits, so greedy decoding has no near-ties and varies from token to token."""
+    from tokenizers import AddedToken
+
+    from anychip.config import Config, replace
+    from anychip.data.chat import SpecialTokens
+    from anychip.data.tokenizer import EOT, train_tokenizer
+    from anychip.interop.hf import write_run
+    from anychip.model.params import init_params
+
+    tok = train_tokenizer([f"the quick brown fox jumps over the lazy dog {i}. " * 3 for i in range(300)], 400)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    run_dir = tmp_path_factory.mktemp("chat_run") / "tiny-chat"
+    model = {"preset": "tiny", "vocab_size": 512, "init_std": 0.3}
+    cfg = replace(Config(), model=model, run_dir=str(run_dir))
+    write_run(cfg, init_params(cfg.model, jax.random.key(0)), tok, "test",
+              SpecialTokens(EOT, ("<|im_end|>", EOT), EOT, CHATML))
+    return run_dir
+
+
+TOY_MC = [{"question": f"the quick brown fox jumps over the {w}", "choices": ["dog", "cat", "fox", "lazy dog"],
+           "answer": i % 4} for i, w in enumerate(["lazy", "quick", "brown", "old", "red", "big"])]
+TASKS = {
+    "toy_mc": "output_type: multiple_choice\ndoc_to_text: question\ndoc_to_choice: choices\ndoc_to_target: answer\n"
+              "metric_list:\n  - metric: acc\n",
+    "toy_gen": "output_type: generate_until\ndoc_to_text: question\ndoc_to_target: \"{{choices[answer]}}\"\n"
+               "generation_kwargs:\n  until: [\"o\"]\n  max_gen_toks: 6\n"
+               "metric_list:\n  - metric: exact_match\n",
+    "toy_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: question\ndoc_to_target: question\n"
+               "metric_list:\n  - metric: word_perplexity\n",
+}
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tasks(tmp_path_factory):
+    """lm-eval task files (multiple choice, generation, rolling log-likelihood) over local JSON lines, and an
+    environment in which lm-eval and datasets stay offline and cache under tmp."""
+    import json
+
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    (folder / "toy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in TOY_MC))
+    for name, spec in TASKS.items():
+        (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                             f"    test: {folder / 'toy.jsonl'}\ntest_split: test\n{spec}")
+    with pytest.MonkeyPatch.context() as env:
+        for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            env.setenv(key, "1")
+        env.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+        yield folder

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from anychip.config import MODEL_PRESETS
+from anychip.data.chat import PromptTokenizer, SpecialTokens
 from anychip.data.tokenizer import train_tokenizer
 from anychip.errors import UserError
 from anychip.model.decoder import cached_hidden_states, forward, init_cache, unembed
@@ -106,11 +107,16 @@ def test_one_compilation_per_bucket(params):
     assert _decode._cache_size() == size
 
 
-def test_generate_text_starts_from_the_prompt(params):
+def test_generate_text_continues_the_prompt(params):
     tok = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the sun. " * 20], 280)
-    text = generate_text(params, CFG, tok, "the cat", max_new_tokens=8, temperature=0)
-    assert text.startswith("the cat") and len(text) > len("the cat")
-    assert isinstance(generate_text(params, CFG, tok, "", max_new_tokens=4, seed=3), str)
+    prompts = PromptTokenizer(tok, SpecialTokens.defaults(tok))
+    text = generate_text(params, CFG, prompts, "the cat", max_new_tokens=8, temperature=0)
+    ids = generate(params, CFG, [tok.encode("the cat").ids], max_new_tokens=8, temperature=0,
+                   stop_tokens=prompts.stop_ids)[0]
+    assert text and tok.decode(tok.encode("the cat").ids + ids) == "the cat" + text
+    cut = generate_text(params, CFG, prompts, "the cat", stop=["zzz", text[2:4]], max_new_tokens=8, temperature=0)
+    assert cut == text[:text.find(text[2:4])]
+    assert isinstance(generate_text(params, CFG, prompts, "", max_new_tokens=4, seed=3), str)
 
 
 def test_stops_at_the_context_length(params):

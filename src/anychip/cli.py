@@ -97,10 +97,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         from anychip.data.tokenizer import load_tokenizer
         from anychip.train.run_dir import RunDir
 
-        tokenizer = load_tokenizer(RunDir(result.run_dir).tokenizer)
+        run = RunDir(result.run_dir)
+        tokenizer = run.prompt_tokenizer(load_tokenizer(run.tokenizer))
         text = generate_text(result.params, cfg.model, tokenizer, args.sample_prompt,
                              max_new_tokens=cfg.eval.sample_tokens, temperature=0.7, top_k=40, seed=0)
-        print(f"--- sample (temperature 0.7, top-k 40) ---\n{text}\n---")
+        print(f"--- sample (temperature 0.7, top-k 40) ---\n{args.sample_prompt}{text}\n---")
     return 0
 
 
@@ -119,7 +120,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from anychip.train.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data, args.batches)
+    if args.tasks:
+        require_extra("lm_eval", "eval")
+        from anychip.interop.harness import run_tasks
+
+        print(run_tasks(args.run_dir, args.tasks, batch_size=args.batch_size or 8, limit=args.limit,
+                        dtype=args.dtype, num_fewshot=args.num_fewshot, output=args.output))
+        return 0
+    result = evaluate_run(args.run_dir, args.data, args.batches, seq_len=args.seq_len, stride=args.stride,
+                          dtype=args.dtype, batch_size=args.batch_size)
     print(f"held-out loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | "
           f"bits per byte {result.bits_per_byte:.4f} | {result.tokens:,} tokens")
     return 0
@@ -127,11 +136,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from anychip.model.generate import generate_text
-    from anychip.train.run_dir import load_run
+    from anychip.train.run_dir import RunDir, load_run
 
     cfg, params, tokenizer = load_run(args.run_dir)
-    print(generate_text(params, cfg.model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    text = generate_text(params, cfg.model, RunDir(args.run_dir).prompt_tokenizer(tokenizer), args.prompt,
+                         chat=args.chat, stop=args.stop, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(text if args.chat else args.prompt + text)
+    return 0
+
+
+def require_extra(module: str, extra: str) -> None:
+    """A one-line error, not an ImportError traceback, when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"this needs the '{extra}' extra: pip install -e '.[{extra}]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    require_extra("uvicorn", "serve")
+    require_extra("starlette", "serve")
+    from anychip.interop.serve import serve
+
+    serve(args.run_dir, args.host, args.port, slots=args.slots, max_queue=args.max_queue,
+          max_seq_len=args.max_seq_len, dtype=args.dtype, model_name=args.model_name)
     return 0
 
 
@@ -163,11 +192,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from anychip.interop.hf import CONTINUED_PRETRAINING as o
     from anychip.interop.hf import import_hf
 
     run_dir = import_hf(args.hf_dir, args.out, extend_with=args.extend_with, extra_tokens=args.extra_tokens)
     print(f"imported {args.hf_dir} into {run_dir}; continue pretraining with: anychip train "
-          f"{run_dir}/config.yaml init_from={run_dir} run_dir=NEW_RUN data.path=DATA")
+          f"{run_dir}/config.yaml init_from={run_dir} run_dir=NEW_RUN data.path=DATA\n"
+          f"its optimizer is set for continued pretraining: peak lr {o.lr:g} after {o.warmup_steps} warmup steps, "
+          f"cosine to {o.lr * o.min_lr_ratio:g} (a from-scratch rate would overwrite what the model knows; "
+          "docs/serving.md). Change it with optim.lr=... optim.warmup_steps=...")
     return 0
 
 
@@ -235,18 +268,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="a prepared data dir (default: the run's own data)")
-    p.add_argument("--batches", type=count(1), help="evaluate at most this many batches (default: all)")
+    p.add_argument("--batches", type=count(1), help="evaluate at most this many batches (default: every token)")
+    p.add_argument("--seq-len", type=count(1), help="tokens per window (default: the run's train.seq_len, at most "
+                   "model.max_seq_len)")
+    p.add_argument("--stride", type=count(1), help="a window starts every STRIDE tokens and scores only the tokens "
+                   "the previous one did not, after seq_len - stride tokens of context (default: seq_len)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--batch-size", type=count(1), help="windows per batch (default: the run's train.batch_size; "
+                   "8 for --tasks)")
+    p.add_argument("--tasks", nargs="+", metavar="NAME_OR_YAML", help="run lm-evaluation-harness tasks instead: "
+                   "names, or task YAML files (pip install -e '.[eval]')")
+    p.add_argument("--limit", type=float, help="--tasks: at most this many examples per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=count(0), help="--tasks: few-shot examples per prompt")
+    p.add_argument("--output", help="--tasks: also write lm-eval's results (and per-sample logs) to this JSON")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--prompt", default="", help="text to continue (special-token text such as <|im_end|> "
+                   "is the token)")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user message: apply the chat template "
+                   "and print the reply")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="cut the output before TEXT (repeatable); generation always ends at the model's "
+                   "end-of-sequence tokens")
     p.add_argument("--max-new-tokens", type=count(1), default=100)
     p.add_argument("--temperature", type=number(0, 100), default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=count(0), default=0, help="0 = off")
     p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0, help="1 = off")
     p.add_argument("--seed", type=count(0, 2**32 - 1), default=0)
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (pip install -e '.[serve]')")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only: there is no "
+                   "authentication)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (the batch of each step)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before a 429")
+    p.add_argument("--max-seq-len", type=int, help="tokens per sequence, prompt included (default: the model's "
+                   "max_seq_len); the KV cache holds slots x this")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute and KV-cache dtype")
+    p.add_argument("--model-name", help="the model id clients ask for (default: the run dir's name)")
+    p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("report", help="plot loss and throughput curves of a run to a PNG")
     p.add_argument("run_dir")

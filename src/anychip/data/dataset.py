@@ -172,3 +172,20 @@ class TokenDataset:
         lo, hi = _process_rows(size, process_index, process_count)
         n_batches = n_windows // size if max_batches is None else min(max_batches, n_windows // size)
         return (self._read(np.arange(b * size + lo, b * size + hi), seq_len) for b in range(n_batches))
+
+    def sliding_windows(self, seq_len: int, stride: int) -> Iterator[tuple[np.ndarray, int]]:
+        """Every target token of the split exactly once, each after up to seq_len - stride tokens of context
+        (the sliding-window perplexity of Hugging Face's guide; stride = seq_len: non-overlapping windows).
+
+        Per shard, windows of up to seq_len + 1 tokens start every `stride` tokens; the last one is shorter
+        and ends at the shard's end. Yields (tokens (n + 1,) int32, n_context): the window's first
+        n_context targets were scored by the window before it.
+        """
+        require(0 < stride <= seq_len, f"stride must be in [1, seq_len={seq_len}], got {stride}")
+        for shard in self.shards:
+            start, scored = 0, 0  # targets are tokens 1..len-1; those up to `scored` are done
+            while scored < len(shard) - 1:
+                end = min(start + seq_len, len(shard) - 1)  # this window's last target
+                yield np.asarray(shard[start:end + 1], np.int32), scored - start
+                start, scored = start + stride, end
+

@@ -24,9 +24,10 @@ import safetensors
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from anychip.config import CheckpointConfig, Config, ModelConfig, TrainConfig
+from anychip.config import CheckpointConfig, Config, ModelConfig, OptimConfig, TrainConfig
+from anychip.data.chat import PromptTokenizer, SpecialTokens
 from anychip.data.prepare import find_files, read_documents
-from anychip.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from anychip.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from anychip.errors import UserError
 from anychip.files import atomic_directory, check_new_directory, read_text
 from anychip.model.params import Params, named_leaves, nest, param_table
@@ -35,6 +36,14 @@ from anychip.train.run_dir import RunDir, load_run
 from anychip.train.step import DTYPES, TrainState, build_trainer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# The optimizer an imported run continues pretraining with (`anychip train RUN/config.yaml init_from=RUN`).
+# anychip's from-scratch default (peak 3e-3, 30 warmup steps) re-warms a trained model to a learning rate
+# like that of its first steps and overwrites what it knew; continued pretraining that keeps the old
+# distribution re-warms to a fraction of the original peak (Gupta et al. 2023, arXiv 2308.04014; Ibrahim
+# et al. 2024, arXiv 2403.08763). Llama-class models up to a few billion parameters peak at 3e-4..3e-3, so
+# 1e-4 sits at or below a tenth of that; 10 warmup steps let the fresh AdamW moments settle first. The rest
+# (cosine to 10%, weight decay 0.1, clipping at 1) is the usual pretraining recipe.
+CONTINUED_PRETRAINING = OptimConfig(lr=1e-4, warmup_steps=10)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
 
 def to_hf_layout(x: np.ndarray, n_in: int) -> np.ndarray:
@@ -52,8 +61,9 @@ def from_hf_layout(y: np.ndarray, shape: tuple[int, ...], n_in: int) -> np.ndarr
 # Export
 
 
-def hf_config(cfg: ModelConfig, eot: int | None = None) -> dict[str, Any]:
-    """config.json of the transformers model equal to `cfg`: Llama, or Qwen3 when it has QK-norm."""
+def hf_config(cfg: ModelConfig, token_ids: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json of the transformers model equal to `cfg`: Llama, or Qwen3 when it has QK-norm.
+    token_ids: bos_token_id, eos_token_id, pad_token_id (`generation_token_ids`)."""
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
     out: dict[str, Any] = {
         "architectures": [arch], "model_type": "qwen3" if cfg.qk_norm else "llama",
@@ -65,7 +75,7 @@ def hf_config(cfg: ModelConfig, eot: int | None = None) -> dict[str, Any]:
         "rope_theta": cfg.rope_base, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std, "torch_dtype": "float32", "bos_token_id": eot, "eos_token_id": eot,
+        "initializer_range": cfg.init_std, "torch_dtype": "float32", **(token_ids or {}),
     }
     if cfg.qk_norm:
         out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
@@ -107,33 +117,47 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_b
     return names
 
 
-def write_hf_tokenizer(tokenizer: Any, out_dir: Path, max_len: int) -> None:
-    """tokenizer.json plus a tokenizer_config.json that makes AutoTokenizer a PreTrainedTokenizerFast."""
-    save_tokenizer(tokenizer, out_dir / "tokenizer.json")
-    eot = tokenizer.id_to_token(eot_id(tokenizer))
+def generation_token_ids(tokenizer: PromptTokenizer) -> dict[str, Any]:
+    """bos/eos/pad ids as generation_config.json and config.json state them (eos: one id or a list)."""
+    special, stop = tokenizer.special, list(tokenizer.stop_ids)
+    pad = None if special.pad_token is None else tokenizer.tokenizer.token_to_id(special.pad_token)
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop[0] if len(stop) == 1 else (stop or None),
+            "pad_token_id": pad}
+
+
+def write_hf_tokenizer(tokenizer: PromptTokenizer, out_dir: Path, max_len: int) -> None:
+    """tokenizer.json and a tokenizer_config.json (special tokens, chat template) that make AutoTokenizer a
+    PreTrainedTokenizerFast encoding prompts as anychip does. No add_bos_token: whether a bos is added is
+    the tokenizer.json post-processor's, on both sides."""
+    save_tokenizer(tokenizer.tokenizer, out_dir / "tokenizer.json")
+    special = tokenizer.special
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
-        "model_max_length": max_len, "add_bos_token": False, "add_eos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special.bos_token,
+        "eos_token": (special.eos_tokens or (None,))[0], "pad_token": special.pad_token,
+        "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,  # decode must give back exactly the bytes
-        "split_special_tokens": True,  # like anychip: a literal "<|endoftext|>" in text is ordinary text
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if special.chat_template is not None:
+        config["chat_template"] = special.chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write the newest checkpoint of `run_dir` as a transformers model directory `out_dir` (new or empty).
+    """Write the newest checkpoint of `run_dir` as a transformers model directory `out_dir` (new or empty):
+    weights, config.json, tokenizer and generation_config.json with the run's special tokens and template.
     It is built in a hidden sibling and renamed: complete, or (full disk, SIGTERM) not there at all."""
     out_dir = Path(out_dir)
     check_new_directory(out_dir)
     cfg, params, tokenizer = load_run(run_dir)
-    model, eot = cfg.model, eot_id(tokenizer)
-    tensors = hf_state_dict(params, model)
+    prompts = RunDir(run_dir).prompt_tokenizer(tokenizer)
+    tensors = hf_state_dict(params, cfg.model)
+    ids = generation_token_ids(prompts)
     with atomic_directory(out_dir) as tmp:
         try:
-            (tmp / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2))
-            (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}))
+            (tmp / "config.json").write_text(json.dumps(hf_config(cfg.model, ids), indent=2))
+            (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2))
             write_safetensors(tensors, tmp, max_shard_bytes)
-            write_hf_tokenizer(tokenizer, tmp, model.max_seq_len)
+            write_hf_tokenizer(prompts, tmp, cfg.model.max_seq_len)
         except (OSError, safetensors.SafetensorError) as e:
             raise UserError(f"{out_dir}: cannot write ({str(e).splitlines()[0]}); nothing was left there") from None
     return out_dir
@@ -336,6 +360,41 @@ def _load_hf_tokenizer(hf_dir: Path, cfg: ModelConfig) -> Any:
     return tokenizer
 
 
+def _token_name(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: text, or an AddedToken dict {"content": ...}."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(hf_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """transformers 5 saves the template as chat_template.jinja, 4.x inside tokenizer_config.json (a text,
+    or a list of named templates of which generation uses "default")."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    return template if isinstance(template, str) else None
+
+
+def special_tokens_from_hf(hf_dir: Path, hf: dict[str, Any], tokenizer: Tokenizer) -> SpecialTokens:
+    """bos/eos/pad and the chat template of a transformers model directory: the token texts of
+    tokenizer_config.json, plus every id generation_config.json (else config.json) names; its eos list is
+    what transformers' generate stops at. Names the tokenizer lacks are dropped."""
+    tok_cfg = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
+    gen = _read_json(hf_dir / "generation_config.json") if (hf_dir / "generation_config.json").is_file() else {}
+
+    def names(key: str, ids_key: str) -> list[str]:
+        ids = gen.get(ids_key, hf.get(ids_key))
+        ids = [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int)]
+        found = [_token_name(tok_cfg.get(key)), *(tokenizer.id_to_token(i) for i in ids)]
+        return list(dict.fromkeys(t for t in found if t is not None and tokenizer.token_to_id(t) is not None))
+
+    bos, eos, pad = (names(f"{k}_token", f"{k}_token_id") for k in ("bos", "eos", "pad"))
+    return SpecialTokens(bos_token=(bos or [None])[0], eos_tokens=tuple(eos), pad_token=(pad or [None])[0],
+                         chat_template=_chat_template(hf_dir, tok_cfg))
+
+
 def extend_tokenizer(tokenizer: Tokenizer, texts: Iterable[str], n_new: int) -> Tokenizer:
     """Add up to `n_new` tokens that a byte-level BPE trained on `texts` learns first and `tokenizer` lacks.
 
@@ -379,9 +438,11 @@ def grow_vocabulary(params: Params, cfg: ModelConfig, first_new: int, n_tokens: 
     return params, dataclasses.replace(cfg, vocab_size=vocab_size)
 
 
-def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str) -> Path:
-    """A run directory (config.yaml, tokenizer.json, checkpoint 0 with a fresh optimizer state), built in a
-    hidden sibling and renamed: complete, or not there at all."""
+def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str,
+              special_tokens: SpecialTokens | None = None) -> Path:
+    """A run directory (config.yaml, tokenizer.json, special_tokens.json, checkpoint 0 with a fresh optimizer
+    state), built in a hidden sibling and renamed: complete, or not there at all. Special tokens default to
+    those of an anychip tokenizer."""
     final = Path(cfg.run_dir)
     trainer = build_trainer(cfg)
     shardings = trainer.state_shardings
@@ -392,7 +453,8 @@ def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str) ->
     meta = checkpoint_meta(cfg, tokenizer_hash(tokenizer), imported_from=source)
     with atomic_directory(final) as tmp:
         run = RunDir(tmp)
-        run.write_files(cfg, tokenizer.to_str(pretty=True))
+        run.write_files(cfg, tokenizer.to_str(pretty=True),
+                        special_tokens=special_tokens or SpecialTokens.defaults(tokenizer))
         ckpt = run.checkpointer(CheckpointConfig(async_save=False))
         try:
             ckpt.save(0, state, meta, tokenizer=tokenizer_json(run.tokenizer))
@@ -415,9 +477,11 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str]
         raise UserError("extending the vocabulary needs both a corpus (extend_with) and extra_tokens > 0")
     if not hf_dir.is_dir():
         raise UserError(f"model directory not found: {hf_dir}")
-    model = model_config_from_hf(_read_json(hf_dir / "config.json"), name=hf_dir.resolve().name)
+    hf = _read_json(hf_dir / "config.json")
+    model = model_config_from_hf(hf, name=hf_dir.resolve().name)
     files = weight_files(hf_dir)
     tokenizer = _load_hf_tokenizer(hf_dir, model)
+    special = special_tokens_from_hf(hf_dir, hf, tokenizer)
     params = params_from_hf(read_safetensors(files), model)
     if extend_with:
         first_new = max(tokenizer.get_vocab().values()) + 1
@@ -425,5 +489,5 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str]
         tokenizer = extend_tokenizer(tokenizer, texts, extra_tokens)
         params, model = grow_vocabulary(params, model, first_new, tokenizer.get_vocab_size())
     seq_len = min(TrainConfig.seq_len, model.max_seq_len)
-    cfg = Config(model=model, train=TrainConfig(seq_len=seq_len), run_dir=str(run_dir))
-    return write_run(cfg, params, tokenizer, source=str(hf_dir.absolute()))
+    cfg = Config(model=model, optim=CONTINUED_PRETRAINING, train=TrainConfig(seq_len=seq_len), run_dir=str(run_dir))
+    return write_run(cfg, params, tokenizer, source=str(hf_dir.absolute()), special_tokens=special)

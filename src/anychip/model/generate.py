@@ -11,6 +11,7 @@ row has produced a stop token or `max_new_tokens` tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anychip.config import ModelConfig
-from anychip.data.tokenizer import eot_id
+from anychip.data.chat import PromptTokenizer, stop_index
 from anychip.errors import UserError
 from anychip.model.decoder import cached_hidden_states, init_cache, unembed
 from anychip.model.params import Params, is_norm
@@ -156,14 +157,19 @@ def _until_stop(row: list[int], stop_tokens: tuple[int, ...]) -> list[int]:
     return row
 
 
-def generate_text(params: Params, cfg: ModelConfig, tokenizer: Any, prompt: str, **kwargs: Any) -> str:
-    """Prompt plus its completion as text. Stops at the end-of-text token (plus any `stop_tokens` given);
-    an empty prompt starts from end-of-text, i.e. an unconditional sample. kwargs: those of `generate`."""
-    eot = eot_id(tokenizer)
-    ids = tokenizer.encode(prompt).ids or [eot]
-    kwargs["stop_tokens"] = tuple(kwargs.get("stop_tokens", ())) + (eot,)
+def generate_text(params: Params, cfg: ModelConfig, tokenizer: PromptTokenizer, prompt: str, *, chat: bool = False,
+                  stop: Sequence[str] = (), **kwargs: Any) -> str:
+    """The completion of `prompt` as text; with `chat`, the reply to `prompt` as a user message under the
+    chat template. Generation ends at the tokenizer's end-of-sequence tokens (and any `stop_tokens` given);
+    the text is cut before the first `stop` string. An empty prompt starts from bos: an unconditional
+    sample. kwargs: those of `generate`."""
+    if chat:
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    else:
+        ids = tokenizer.encode(prompt) or [tokenizer.first_token()]
+    kwargs["stop_tokens"] = tuple(kwargs.get("stop_tokens", ())) + tokenizer.stop_ids
     new = generate(params, cfg, [ids], **kwargs)[0]
     # Decode prompt and completion together: a character's bytes may straddle the boundary.
-    prefix = tokenizer.decode(ids)
-    text = tokenizer.decode(ids + new)
-    return prompt + (text[len(prefix):] if text.startswith(prefix) else tokenizer.decode(new))
+    prefix, text = tokenizer.decode(ids), tokenizer.decode(ids + new)
+    completion = text[len(prefix):] if text.startswith(prefix) else tokenizer.decode(new)
+    return completion[:stop_index(completion, stop)]

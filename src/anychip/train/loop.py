@@ -32,7 +32,7 @@ from anychip.train.evaluate import EvalResult, Evaluator
 from anychip.train.guard import NonFiniteGuard
 from anychip.train.metrics import Discard, MetricsWriter, StepLogger
 from anychip.train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
-from anychip.train.resume import check_init_tokenizer, check_same_data, start_state
+from anychip.train.resume import check_init_tokenizer, check_same_data, new_special_tokens, start_state
 from anychip.train.run_dir import RunDir
 from anychip.train.step import Trainer, TrainState, build_trainer
 
@@ -181,7 +181,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: Sequence[C
             if is_main_process():  # one writer per run; the other processes only read
                 if resumed is None:
                     run.set_aside_history(log)
-                run.write_files(cfg, read_text(train_ds.tokenizer_path), read_text(data_dir / "manifest.json"))
+                run.write_files(cfg, read_text(train_ds.tokenizer_path), read_text(data_dir / "manifest.json"),
+                                special_tokens=new_special_tokens(cfg, run, train_ds))
                 run.truncate_metrics(None if resumed is None else resumed.get("metrics_bytes"), log)
             meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], sha256_file(data_dir / "manifest.json"))
             loop = Loop(trainer, run, ckpt, (train_ds, val_ds), meta, int(state.step), log, callbacks)

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from anychip.config import Config, to_dict
+from anychip.data.chat import SpecialTokens
 from anychip.data.dataset import TokenDataset, sha256_file
 from anychip.data.tokenizer import load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
@@ -89,6 +90,16 @@ def check_init_tokenizer(cfg: Config, train_ds: TokenDataset) -> None:
                         f"prepare it with: anychip data prepare ... --tokenizer {path}")
 
 
+def new_special_tokens(cfg: Config, run: RunDir, train_ds: TokenDataset) -> SpecialTokens | None:
+    """What a run's special_tokens.json starts as: init_from's (same tokenizer, checked above: an imported chat
+    model keeps its eos and template), else the tokenizer's defaults. None once the run has one: it is the
+    user's to edit, and resuming must not undo that."""
+    if run.special_tokens.is_file():
+        return None
+    tokenizer = load_tokenizer(train_ds.tokenizer_path)
+    return RunDir(cfg.init_from).read_special_tokens(tokenizer) if cfg.init_from else SpecialTokens.defaults(tokenizer)
+
+
 def start_state(trainer: Trainer, run: RunDir, ckpt: Checkpointer,
                 log: Callable[[str], None]) -> tuple[TrainState, dict[str, Any] | None]:
     """(state, its checkpoint's meta): resumed as `checkpoint.resume` says, else from `init_from` params,
@@ -107,5 +118,7 @@ def start_state(trainer: Trainer, run: RunDir, ckpt: Checkpointer,
                             f"parameter shapes than this run's model ({cfg.model.name})")
         params = jax.tree.map(lambda p, own: p.astype(own.dtype), params, state.params)
         state = state._replace(params=jax.device_put(params, trainer.state_shardings.params))
-        log(f"initialised parameters from {cfg.init_from}; optimizer state is fresh")
+        o = cfg.optim
+        log(f"initialised parameters from {cfg.init_from}; optimizer state is fresh: peak lr {o.lr:g} after "
+            f"{o.warmup_steps} warmup steps, {o.schedule} to {o.lr * o.min_lr_ratio:g}, weight decay {o.weight_decay:g}")
     return state, None

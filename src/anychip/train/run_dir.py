@@ -3,6 +3,7 @@
     lock                 held by the one trainer of this directory; names it (host, pid, since)
     config.yaml          the resolved config (itself a valid config file)
     tokenizer.json       the tokenizer the run trains with
+    special_tokens.json  its bos/eos/pad tokens and chat template (data/chat.py; written once, yours to edit)
     data_manifest.json   the manifest of the data it trains on
     metrics.jsonl        one JSON object per logged step, evaluation or event
     checkpoints/         numbered checkpoints (train/checkpoint.py); checkpoints.<reason>/: set aside
@@ -34,9 +35,10 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from anychip.config import CheckpointConfig, Config, load_config, replace, save_config
+from anychip.data.chat import PromptTokenizer, SpecialTokens
 from anychip.data.tokenizer import load_tokenizer
 from anychip.errors import UserError
-from anychip.files import check_writable, storage_error, write_text_atomic
+from anychip.files import check_writable, read_text, storage_error, write_text_atomic
 from anychip.train.checkpoint import Checkpointer
 from anychip.train.step import abstract_state, build_trainer
 
@@ -52,6 +54,7 @@ class RunDir:
     history = property(lambda self: self.path / "history")
     config = property(lambda self: self.path / "config.yaml")
     tokenizer = property(lambda self: self.path / "tokenizer.json")
+    special_tokens = property(lambda self: self.path / "special_tokens.json")
     data_manifest = property(lambda self: self.path / "data_manifest.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
@@ -144,13 +147,27 @@ class RunDir:
 
     # -- the run's own files ----------------------------------------------------------------
 
-    def write_files(self, cfg: Config, tokenizer_json: str, data_manifest_json: str | None = None) -> None:
-        """config.yaml, tokenizer.json and (when training on prepared data) data_manifest.json."""
+    def write_files(self, cfg: Config, tokenizer_json: str, data_manifest_json: str | None = None,
+                    special_tokens: SpecialTokens | None = None) -> None:
+        """config.yaml, tokenizer.json, (when training on prepared data) data_manifest.json and (when
+        given) special_tokens.json."""
         self.make()
         save_config(cfg, self.config)
         write_text_atomic(self.tokenizer, tokenizer_json)
         if data_manifest_json is not None:
             write_text_atomic(self.data_manifest, data_manifest_json)
+        if special_tokens is not None:
+            write_text_atomic(self.special_tokens, special_tokens.to_json())
+
+    def read_special_tokens(self, tokenizer: Tokenizer) -> SpecialTokens:
+        """special_tokens.json, checked against `tokenizer`; without one, the defaults of an anychip tokenizer."""
+        if not self.special_tokens.is_file():
+            return SpecialTokens.defaults(tokenizer)
+        return SpecialTokens.from_json(read_text(self.special_tokens), tokenizer, str(self.special_tokens))
+
+    def prompt_tokenizer(self, tokenizer: Tokenizer) -> PromptTokenizer:
+        """`tokenizer` with this run's special tokens and chat template, for prompts (generate, serve, lm-eval)."""
+        return PromptTokenizer(tokenizer, self.read_special_tokens(tokenizer))
 
     def read_config(self) -> Config:
         if not self.config.is_file():
