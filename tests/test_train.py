@@ -67,8 +67,12 @@ def test_cli_prepare_train_eval_generate_report(tmp_path, small_corpus):
     r = anychip("eval", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     loss = float(r.stdout.split("held-out loss ")[1].split()[0])
+    tokens = int(r.stdout.split(" tokens")[0].split("|")[-1].replace(",", ""))
     last = [row for row in RunDir(tmp_path / "run").read_metrics() if "eval_loss" in row][-1]
-    assert loss == pytest.approx(last["eval_loss"], abs=6e-5)  # same checkpoint and data; printed to 4 decimals
+    # `anychip eval` scores every held-out token in fp32; the run's own evaluation the whole windows of
+    # its eval batches in bf16 (test_eval.py holds the two to each other on the same windows). Same
+    # checkpoint: close, and not fewer tokens.
+    assert tokens >= last["eval_tokens"] and loss == pytest.approx(last["eval_loss"], abs=0.05)
 
     r = anychip("generate", "run", "--prompt", "def f", "--max-new-tokens", 20, "--temperature", 0, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
