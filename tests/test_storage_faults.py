@@ -75,8 +75,17 @@ def bind_mount(path: Path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def read_only(path: Path) -> None:
-    _mount("-o", "remount,bind,ro", str(path))
+def read_only(path: Path, timeout: float = 60) -> None:
+    """Flips the bind mount to read-only. The kernel refuses (EBUSY) while a file on it is open for
+    writing, as during an async checkpoint save, so this retries until a moment between two saves."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _mount("-o", "remount,bind,ro", str(path))
+        except subprocess.CalledProcessError as e:
+            if "busy" not in e.stderr or time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
 
 
 def fill(folder: Path) -> Path:
@@ -187,7 +196,11 @@ def test_checkpoints_turning_read_only_stop_the_run_within_seconds_in_one_line(m
             time.sleep(0.01)
         read_only(checkpoints)
         t0 = time.monotonic()
-        rc = proc.finish(timeout=120)
+        try:
+            rc = proc.finish(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.p.kill()
+            pytest.fail(f"still training 120 s after the checkpoints turned read-only:\n{proc.output()}")
         elapsed = time.monotonic() - t0
         output = proc.output()
     assert rc == 2, output
