@@ -62,6 +62,10 @@ def test_defaults_are_derived_from_the_records(tmp_path):
     # H200 has no record of its own: the hopper family lends it the H100's; Trn2 has none at all.
     assert calibration.default_efficiency(h200) == calibration.default_efficiency(catalog["h100"])
     assert calibration.default_efficiency(trn2) == (0.45, "0.45 assumed, no published record")
+    # A user's own catalog efficiency overrides the published default.
+    (tmp_path / "mine.yaml").write_text("tpu-v5p: {efficiency: 0.5}\n")
+    mine = hardware.load_catalog([tmp_path / "mine.yaml"])["tpu-v5p"]
+    assert calibration.default_efficiency(mine) == (0.5, "set in the catalog")
 
 
 def test_leave_one_out_beats_the_old_constant():

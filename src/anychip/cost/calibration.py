@@ -226,6 +226,7 @@ FIT_METHODS = ("constant", "median", "loglinear")
 DEFAULT_FIT = "median"  # the simplest method that beats the constant out of sample (benchmarks/calibration_loo.py)
 LOGFIT_MIN_RECORDS = 3  # fewer points than this cannot show a trend in size: use the median
 LOGFIT_MIN_DECADES = 0.5  # nor can sizes within a factor of ~3 of each other
+ASSUMED = f"{DEFAULT_EFFICIENCY:.2f} assumed, no published record"  # what a plan says without evidence
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,7 @@ def default_efficiency(chip: Chip, cfg: ModelConfig | None = None,
     evidence = evidence if evidence is not None else published_evidence()
     fit = evidence.fit(evidence.family(chip.key))
     if fit is None:
-        return DEFAULT_EFFICIENCY, f"{DEFAULT_EFFICIENCY:.2f} assumed, no published record"
+        return DEFAULT_EFFICIENCY, ASSUMED
     params_b = count_params(cfg) / 1e9 if cfg is not None else None
     return fit.predict(params_b), f"published: {fit.n} runs on {'/'.join(fit.chips)}"
 

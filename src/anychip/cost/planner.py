@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from anychip.config import ModelConfig, load_config
-from anychip.cost.calibration import BenchRecord, fit_sustained, load_records, sustained
+from anychip.cost.calibration import ASSUMED, BenchRecord, fit_sustained, load_records, sustained
 from anychip.cost.hardware import Catalog, Chip, format_columns, get_chip, load_catalog
 from anychip.cost.step_model import HBM_USABLE, REMATS, Job, Layout, memory_per_chip, step_time
 from anychip.errors import UserError
@@ -43,10 +43,14 @@ class PlanRow:
     cost_usd: float | None = None
     usd_per_mtok: float | None = None
     efficiency: float | None = None
-    calibrated: bool = False
-    efficiency_source: str = ""  # 'calibrated', 'published: …', '0.45 assumed, no published record'
+    efficiency_source: str = ""  # 'calibrated', 'published: …', calibration.ASSUMED, 'set in the catalog'
     breakdown: dict[str, float] = field(default_factory=dict, compare=False)
     note: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        """The step time uses this chip's `anychip bench` records (`--calibration`)."""
+        return self.efficiency_source == "calibrated"
 
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -129,7 +133,7 @@ def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | No
         step_s=step, mfu=None if not chip.peak_bf16_flops else model_flops / (step * n * chip.peak_bf16_flops),
         tokens_per_s_per_chip=job.batch * job.seq_len / step / n, wall_s=wall, cost_usd=cost,
         usd_per_mtok=None if cost is None else cost / (steps * job.batch * job.seq_len / 1e6),
-        efficiency=eff, calibrated=how == "calibrated", efficiency_source=how, breakdown=parts,
+        efficiency=eff, efficiency_source=how, breakdown=parts,
     )
 
 
@@ -245,10 +249,10 @@ def sweep(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Sequ
 
 
 def _efficiency_note(r: PlanRow) -> str:
-    """'eff 0.52 published: 8 runs on tpu-v5p', 'eff 0.45 assumed, no published record', 'eff 0.31 calibrated'."""
+    """'eff 0.66 published: 9 runs on tpu-v5p', 'efficiency 0.45 assumed, no published record', 'eff 0.31 calibrated'."""
     if r.efficiency is None:
         return "calibrated"  # a fitted sustained rate on a chip without a peak (no efficiency to show)
-    if r.efficiency_source.endswith("assumed, no published record"):
+    if r.efficiency_source == ASSUMED:
         return f"efficiency {r.efficiency_source}"
     return f"eff {r.efficiency:.2f} {r.efficiency_source}".rstrip()
 
