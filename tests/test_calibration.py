@@ -86,6 +86,7 @@ def test_leave_one_out_beats_the_old_constant():
     ({"mfu": 1.7}, "outside (0, 1]"),
     ({"chip": "h1000"}, "unknown chip 'h1000'"),
     ({"peak": 3}, "unknown field(s) peak"),
+    ({"mfu": "42%"}, "mfu must be a positive number"),
 ])
 def test_bad_published_record(tmp_path, change, message):
     data = _shipped()

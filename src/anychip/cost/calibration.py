@@ -261,6 +261,10 @@ def published_mfu(r: PublishedRecord, catalog: Catalog) -> float:
     return r.seq_per_s * r.seq_len * flops_per_token(r.shape, r.seq_len) / (r.chips * peak)
 
 
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def _check_published(r: PublishedRecord, where: str, catalog: Catalog) -> float:
     """Validate one record (one-line UserError naming `where`); returns its MFU."""
     get_chip(r.chip, catalog)
@@ -271,8 +275,11 @@ def _check_published(r: PublishedRecord, where: str, catalog: Catalog) -> float:
         (not (isinstance(r.quote, str) and r.quote.strip()), "quote must be the source's line, not empty"),
         (r.precision != "bf16", f"precision must be bf16, the peak the planner divides by (got {r.precision!r})"),
         (not (isinstance(r.chips, int) and r.chips >= 1), f"chips must be a positive integer, got {r.chips!r}"),
-        (not (isinstance(r.params_b, (int, float)) and r.params_b > 0), f"params_b must be > 0, got {r.params_b!r}"),
+        (not _positive(r.params_b), f"params_b must be a positive number, got {r.params_b!r}"),
         (r.seq_per_s is not None and (r.shape is None or not r.seq_len), "seq_per_s needs shape and seq_len"),
+        (not all(_positive(getattr(r, k)) for k in measures), f"{', '.join(measures)} must be a positive number"),
+        (r.seq_len is not None and not (_positive(r.seq_len) and isinstance(r.seq_len, int)),
+         f"seq_len must be a positive integer or null, got {r.seq_len!r}"),
     ]
     if bad := [msg for failed, msg in problems if failed]:
         raise UserError(f"{where}: {bad[0]}")
