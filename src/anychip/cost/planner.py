@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from anychip.config import ModelConfig, load_config
-from anychip.cost.calibration import BenchRecord, fit_sustained, load_records, sustained
+from anychip.cost.calibration import ASSUMED, BenchRecord, fit_sustained, load_records, sustained
 from anychip.cost.hardware import Catalog, Chip, format_columns, get_chip, load_catalog
 from anychip.cost.step_model import HBM_USABLE, REMATS, Job, Layout, memory_per_chip, step_time
 from anychip.errors import UserError
@@ -43,9 +43,14 @@ class PlanRow:
     cost_usd: float | None = None
     usd_per_mtok: float | None = None
     efficiency: float | None = None
-    calibrated: bool = False
+    efficiency_source: str = ""  # 'calibrated', 'published: …', calibration.ASSUMED, 'set in the catalog'
     breakdown: dict[str, float] = field(default_factory=dict, compare=False)
     note: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        """The step time uses this chip's `anychip bench` records (`--calibration`)."""
+        return self.efficiency_source == "calibrated"
 
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -114,7 +119,7 @@ def _layouts(job: Job, chip: Chip, n: int, remats: Sequence[str]) -> Iterable[tu
                 yield Layout(d, f, t, 1, remat), job.batch // (d * f)
 
 
-def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | None, cal: bool) -> PlanRow:
+def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | None, how: str) -> PlanRow:
     parts = step_time(job, chip, n, layout, s)
     step = parts["step"]
     steps = math.ceil(job.tokens / (job.batch * job.seq_len))
@@ -128,14 +133,14 @@ def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | No
         step_s=step, mfu=None if not chip.peak_bf16_flops else model_flops / (step * n * chip.peak_bf16_flops),
         tokens_per_s_per_chip=job.batch * job.seq_len / step / n, wall_s=wall, cost_usd=cost,
         usd_per_mtok=None if cost is None else cost / (steps * job.batch * job.seq_len / 1e6),
-        efficiency=eff, calibrated=cal, breakdown=parts,
+        efficiency=eff, efficiency_source=how, breakdown=parts,
     )
 
 
 def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | None = None,
                 remats: Sequence[str] = REMATS) -> PlanRow:
     """The fastest layout that fits, with the largest microbatch that fits for each mesh and remat."""
-    s, eff, cal = sustained(chip, calibrated or {})
+    s, eff, how = sustained(chip, calibrated or {}, job.cfg)
     if s is None:
         return PlanRow(chip=chip.key, chip_name=chip.name, n_chips=n, layout=None, note="no peak FLOP/s: calibrate or set bf16_tflops")
     budget = HBM_USABLE * chip.hbm_bytes if chip.hbm_bytes else math.inf
@@ -145,7 +150,7 @@ def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | Non
         for ga in _divisors(rows):
             layout = replace(base, grad_accum=ga)
             if memory_per_chip(job, layout, chip.attention == "flash")["total"] <= budget:
-                row = _row(job, chip, n, layout, s, eff, cal)
+                row = _row(job, chip, n, layout, s, eff, how)
                 untimed |= not math.isfinite(row.step_s)
                 if math.isfinite(row.step_s) and (best is None or row.step_s < best.step_s):
                     best = row
@@ -166,7 +171,7 @@ def _counts(chip: Chip) -> list[int]:
 def _meet_deadline(job: Job, chip: Chip, deadline_s: float, calibrated: dict[str, float],
                    remats: Sequence[str]) -> PlanRow:
     """The smallest sensible chip count whose best layout finishes within the deadline."""
-    s, _, _ = sustained(chip, calibrated)
+    s, _, _ = sustained(chip, calibrated, job.cfg)
     if s is None:
         return best_layout(job, chip, 0, calibrated, remats)  # the "no peak FLOP/s" row
     total_flops = flops_per_token(job.cfg, job.seq_len) * job.tokens
@@ -243,6 +248,15 @@ def sweep(model: ModelConfig | str, tokens: int | str, seq_len: int, chips: Sequ
     return [r for r in rows if r.layout]
 
 
+def _efficiency_note(r: PlanRow) -> str:
+    """'eff 0.66 published: 9 runs on tpu-v5p', 'efficiency 0.45 assumed, no published record', 'eff 0.31 calibrated'."""
+    if r.efficiency is None:
+        return "calibrated"  # a fitted sustained rate on a chip without a peak (no efficiency to show)
+    if r.efficiency_source == ASSUMED:
+        return f"efficiency {r.efficiency_source}"
+    return f"eff {r.efficiency:.2f} {r.efficiency_source}".rstrip()
+
+
 def format_plan_table(rows: Sequence[PlanRow]) -> str:
     """A text table, one row per chip (and chip count), in the given order."""
     head = ("chip", "chips", "mesh dxfxt", "micro x accum", "remat", "mem/HBM GB", "step s", "MFU",
@@ -253,7 +267,7 @@ def format_plan_table(rows: Sequence[PlanRow]) -> str:
             out.append((r.chip, str(r.n_chips or "-")) + ("",) * 10 + (r.note,))
             continue
         hbm = "?" if r.hbm_bytes is None else f"{r.hbm_bytes / 1e9:.0f}"
-        eff = f"eff {r.efficiency:.2f}{' cal' if r.calibrated else ''}" if r.efficiency else "calibrated"
+        eff = _efficiency_note(r)
         out.append((
             r.chip, f"{r.n_chips:,}", str(r.layout), f"{r.micro_rows} x {r.layout.grad_accum}",
             r.layout.remat, f"{r.memory_bytes / 1e9:.0f}/{hbm}", f"{r.step_s:.2f}",

@@ -17,8 +17,9 @@ Memory per chip
 Step time per microbatch = max(compute, HBM traffic, FSDP collectives) + FSDP first-layer exposure
 + tensor-parallel all-reduces; per step, × grad_accum, + the optimizer update (HBM-bound).
   * compute = FLOPs / (peak × efficiency). FLOPs = model/flops.py (6N + 12·L·d·T) plus the
-    recomputed forward of remat; efficiency is DEFAULT_EFFICIENCY (an assumption) unless calibrated
-    from `anychip bench` records.
+    recomputed forward of remat; efficiency is the median MFU of the chip family's published runs
+    (cost/published.yaml), DEFAULT_EFFICIENCY (an assumption) where there are none, or calibrated
+    from `anychip bench` records (cost/calibration.py).
   * FSDP all-gathers params (fwd and bwd) and reduce-scatters grads every microbatch, in the compute
     dtype, overlapped with compute (XLA async collectives); the DP gradient all-reduce of the shard
     likewise. TP all-reduces (2 fwd + 2 bwd per layer, Megatron) sit on the critical path.
@@ -42,7 +43,7 @@ from anychip.model.params import param_table
 from anychip.parallel.mesh import PARAM_RULES
 
 REMATS = ("none", "dots", "full")
-DEFAULT_EFFICIENCY = 0.45  # ASSUMPTION: sustained fraction of peak for the matmul work, every chip alike
+DEFAULT_EFFICIENCY = 0.45  # ASSUMPTION: sustained fraction of peak for chips without a published run
 HBM_USABLE = 0.90  # leave 10% for the runtime, allocator fragmentation, collectives' buffers
 XLA_TEMP_FUDGE = 1.10  # XLA temp buffers beyond the counted residuals (copies, fusion outputs)
 HBM_EFF = 0.80  # achieved / peak HBM bandwidth

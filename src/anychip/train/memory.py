@@ -19,7 +19,7 @@ import jax
 
 from anychip.config import Config
 from anychip.config import replace as replace_config
-from anychip.cost import hardware, step_model
+from anychip.cost import calibration, hardware, step_model
 from anychip.errors import UserError
 from anychip.model.attention import resolve as resolve_attention
 from anychip.parallel.mesh import mesh_shape
@@ -137,7 +137,7 @@ def _fastest(cfg: Config, fits: list[step_model.Layout], n_devices: int) -> step
     if not chip.peak_bf16_flops:
         return fits[0]
     job, _, _ = _job_layout(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
-    sustained = chip.peak_bf16_flops * (chip.efficiency or step_model.DEFAULT_EFFICIENCY)
+    sustained, _, _ = calibration.sustained(chip, {}, cfg.model)  # the planner's default for this chip
     times = [step_model.step_time(job, chip, n_devices, layout, sustained)["step"] for layout in fits]
     if not all(map(math.isfinite, times)):  # e.g. no bandwidth figures for this chip
         return fits[0]
