@@ -255,6 +255,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = planner.plan(args.model, args.tokens, args.seq_len, chips, num_chips=args.num_chips,
                         deadline=args.deadline, budget=args.budget, remats=args.remat.split(","), **common)
     print(planner.format_plan_table(rows))
+    if args.verify:
+        from anychip.check.compile import verify_plan_row
+
+        batch = args.batch_size or planner.make_job(args.model, args.tokens, args.seq_len).batch
+        print("\nverified by the target's compiler (per chip):")
+        for row in (r for r in rows if r.layout):
+            print(verify_plan_row(args.model, row, args.seq_len, batch), flush=True)
     if args.calibration:
         records = calibration.load_records(args.calibration)
         print("\ncalibration (step time predicted vs measured):")
@@ -367,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", nargs="+", help="`anychip bench --json` records to fit efficiencies")
     p.add_argument("--remat", default="none,dots,full", help="remat policies to consider")
     p.add_argument("--plot", help="write a cost-vs-time Pareto plot (PNG) here")
+    p.add_argument("--verify", action="store_true", help="compile each row's layout with its chip's compiler "
+                   "(needs the aot extra; TPU and NVIDIA rows) and show its memory against HBM")
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")

@@ -15,6 +15,7 @@ XLA:GPU compiles any size, so the peak is compared with the capacity here.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from jax._src import xla_bridge
 
 from anychip import jaxenv
 from anychip.check.portability import assumed_cudnn_version, for_platform
-from anychip.config import Config
+from anychip.config import Config, load_config
 from anychip.cost.hardware import get_chip, load_catalog
 from anychip.errors import UserError
 from anychip.parallel import mesh as sharding
@@ -144,6 +145,9 @@ def target_devices(target: Target) -> list:
         name, _, chip_config = TPU_GENERATIONS[target.key]
         shape = tpu_shape(target.key, target.chips)
         host = tuple(shape) + (1,) * (3 - len(shape)) if target.chips <= 8 else (2, 2, 1)
+        # Compile-only use touches no chip, so several processes may load libtpu at once (it takes a lock
+        # file otherwise, for the devices' sake); set before libtpu starts.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         with jaxenv.captured_stderr():  # libtpu's start-up lines about the (absent) TPU host
             topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{name}:{'x'.join(map(str, shape))}",
                                                 chip_config_name=chip_config, chips_per_host_bounds=host)
@@ -271,3 +275,30 @@ def format_compile_report(r: CompileReport) -> list[str]:
         return lines + [f"{r.target}: HBM unknown (CPU devices): fits not judged"]
     verdict = "fits" if r.fits else "does not fit"
     return lines + [f"{r.target}: {verdict}: {h(r.peak_bytes)} of {h(r.hbm_bytes)} HBM per device"]
+
+
+def plan_config(model: str, row: Any, seq_len: int, batch_size: int) -> Config:
+    """The config of a plan row's chosen layout (`anychip plan ... --verify`)."""
+    lay = row.layout
+    overrides = [f"train.seq_len={seq_len}", f"train.batch_size={batch_size}", f"train.grad_accum={lay.grad_accum}",
+                 f"compute.remat={lay.remat}", f"mesh.data={lay.data}", f"mesh.fsdp={lay.fsdp}",
+                 f"mesh.tensor={lay.tensor}"]
+    if str(model).endswith((".yaml", ".yml")):
+        return load_config(model, overrides)
+    return load_config(None, [f"model={model}", *overrides])
+
+
+def verify_plan_row(model: str, row: Any, seq_len: int, batch_size: int) -> str:
+    """One line: the plan row's layout compiled on its chip, e.g. 'compiled: 61.2 of 95.7 GB per chip'."""
+    name = f"{row.chip} x{row.n_chips} ({row.layout}, remat {row.layout.remat}, accum {row.layout.grad_accum})"
+    if row.chip not in TPU_GENERATIONS and row.chip not in GPU_SPECS:
+        return f"{name}: not verified: no compiler for {row.chip} here (TPU: {', '.join(TPU_GENERATIONS)}; " \
+               f"GPU: {', '.join(GPU_SPECS)})"
+    r = compile_step(plan_config(model, row, seq_len, batch_size), Target(row.chip, row.n_chips,
+                                                                          parse_target(f"{row.chip}:1").platform))
+    if r.error:
+        return f"{name}: {r.error}"
+    per_chip = r.devices / row.n_chips  # TPU7x: 2 devices per chip
+    return (f"{name}: compiled: {r.peak_bytes * per_chip / 1e9:.1f} of {r.hbm_bytes * per_chip / 1e9:.1f} GB "
+            f"per chip{'' if r.fits else ' (DOES NOT FIT)'}; planner {row.memory_bytes / 1e9:.1f} GB; "
+            f"{r.compile_s:.0f} s")
