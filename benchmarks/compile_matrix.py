@@ -36,8 +36,8 @@ MATRIX = [
     ("h100:8", "model=1b train.seq_len=4096 train.batch_size=16 compute.remat=none mesh.data=2 mesh.fsdp=4"),
     ("h100:8", "model=afm-3b train.seq_len=4096 train.batch_size=16 compute.remat=full mesh.fsdp=4 mesh.tensor=2"),
     ("h200:8", "model=afm-3b train.seq_len=8192 train.batch_size=8 compute.remat=dots mesh.fsdp=8"),
-    ("h200:8", "model=1b model.max_seq_len=8192 train.seq_len=8192 train.batch_size=16 compute.remat=full mesh.data=2 mesh.fsdp=2 "
-               "mesh.tensor=2"),
+    ("h200:8", ("model=1b model.max_seq_len=8192 train.seq_len=8192 train.batch_size=16 compute.remat=full "
+                "mesh.data=2 mesh.fsdp=2 mesh.tensor=2")),
     ("h200:1", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=8 mesh.fsdp=1"),
 ]
 # The default suite's few small ones (tests/test_compile.py): one per compiler, seconds each.

@@ -28,7 +28,7 @@ TINY_RATIO = (0.5, 2.0)
 
 
 def anychip(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "anychip.cli", *args], check=False, capture_output=True, text=True,
                           timeout=900, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
@@ -106,7 +106,7 @@ def test_tpu_oom_message_parses():
 def test_planner_within_15_percent_of_the_compilers(tmp_path):
     out = tmp_path / "matrix.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_matrix.py"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=3600, cwd=ROOT)
+                       check=False, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) >= 16
