@@ -226,17 +226,22 @@ def require_aot(target: Target) -> None:
         raise UserError(f"compiling for {target} needs the target compilers: pip install -e \".[aot]\"")
 
 
+def planner_estimate(cfg: Config, target: Target, mesh: dict[str, int]) -> float:
+    """The planner's peak bytes per device for `cfg` on `target` (attention resolved for the target)."""
+    return memory.estimate(for_platform(cfg, target.platform), mesh)["total"]
+
+
 def compile_step(cfg: Config, target: Target) -> CompileReport:
     """Compile `cfg`'s train step for `target` and read XLA's memory analysis of it."""
     require_aot(target)
     devices = target_devices(target)
-    cfg = for_platform(cfg, "cuda" if target.platform == "cuda" else target.platform)
+    cfg = for_platform(cfg, target.platform)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     shape = dict(mesh.shape)
     trainer = build_trainer(cfg, mesh)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh))
-    planner = memory.estimate(cfg, shape)["total"]
+    planner = planner_estimate(cfg, target, shape)
     hbm = hbm_per_device(target, len(devices))
     common = {"target": str(target), "devices": len(devices), "mesh": shape, "hbm_bytes": hbm,
               "planner_peak_bytes": planner, "compiler": compiler_name(target)}
