@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -205,7 +206,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Lower and serialize the train step for each platform; exit 1 if any check fails."""
+    """Lower and serialize the train step for each platform; exit 1 if any check fails. With --compile,
+    compile it for each --target chip instead; exit 1 if it does not fit."""
+    if args.compile:
+        return cmd_check_compile(args)
     from anychip.check.portability import check, format_report
 
     cfg = load_config_args(args)
@@ -216,6 +220,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = [r.platform for r in reports if not r.ok]
     print(f"check: {'FAILED on ' + ', '.join(failed) if failed else 'ok on ' + ', '.join(platforms)}")
     return 1 if failed else 0
+
+
+def cmd_check_compile(args: argparse.Namespace) -> int:
+    from anychip.check.compile import compile_step, format_compile_report, parse_target
+    from anychip.files import write_text_atomic
+
+    if not args.target:
+        raise UserError("--compile needs at least one --target, e.g. --target tpu-v5p:8 or --target h100:8")
+    targets = [parse_target(t) for t in args.target]
+    cfg = load_config_args(args)
+    reports = [compile_step(cfg, t) for t in targets]
+    for report in reports:
+        print("\n".join(format_compile_report(report)))
+    if args.json:
+        out = [r.as_json() for r in reports]
+        write_text_atomic(args.json, json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if any(r.fits is False for r in reports) else 0
 
 
 def cmd_hardware(args: argparse.Namespace) -> int:
@@ -233,6 +255,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = planner.plan(args.model, args.tokens, args.seq_len, chips, num_chips=args.num_chips,
                         deadline=args.deadline, budget=args.budget, remats=args.remat.split(","), **common)
     print(planner.format_plan_table(rows))
+    if args.verify:
+        from anychip.check.compile import verify_plan_row
+
+        batch = args.batch_size or planner.make_job(args.model, args.tokens, args.seq_len).batch
+        print("\nverified by the target's compiler (per chip):")
+        for row in (r for r in rows if r.layout):
+            print(verify_plan_row(args.model, row, args.seq_len, batch), flush=True)
     if args.calibration:
         records = calibration.load_records(args.calibration)
         print("\ncalibration (step time predicted vs measured):")
@@ -345,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", nargs="+", help="`anychip bench --json` records to fit efficiencies")
     p.add_argument("--remat", default="none,dots,full", help="remat policies to consider")
     p.add_argument("--plot", help="write a cost-vs-time Pareto plot (PNG) here")
+    p.add_argument("--verify", action="store_true", help="compile each row's layout with its chip's compiler "
+                   "(needs the aot extra; TPU and NVIDIA rows) and show its memory against HBM")
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")
@@ -367,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="a YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=1b mesh.tensor=2")
     p.add_argument("--platforms", default="cpu,cuda,tpu,neuron", help="of cpu,cuda,rocm,tpu,neuron")
-    p.add_argument("--target", action="append", default=[], help="one more platform, e.g. --target neuron")
+    p.add_argument("--target", action="append", default=[], help="one more platform, e.g. --target neuron; with "
+                   "--compile a chip and count to compile for: tpu-v4|tpu-v5e|tpu-v5p|tpu-v6e|tpu-7x|h100|h200|cpu:N")
+    p.add_argument("--compile", action="store_true", help="compile the train step with each --target's own "
+                   "compiler (needs the aot extra) and report memory per device against its HBM")
+    p.add_argument("--json", help="--compile: also write the report(s) to this JSON file")
     p.add_argument("--devices", type=count(1, 65536), default=8, help="devices of the (abstract) mesh to lower for")
     p.add_argument("--strict", action="store_true", help="fail on vendor custom calls even on their platform")
     p.set_defaults(handler=cmd_check)

@@ -215,6 +215,9 @@ class ComputeConfig:
     loss_chunk: int = 0
     """Positions per chunk of the fused unembedding + cross-entropy, which never holds the whole batch's
     logits (model/loss.py); 0 = the reference path."""
+    unroll_layers: bool = False
+    """Compile the layers as straight-line code instead of a scan: for counting (XLA's cost analysis counts
+    a loop body once, tests/test_work_split.py); compile time grows with depth."""
     compile_cache_dir: str | None = "~/.cache/anychip/xla"
     """Persistent XLA compilation cache; null disables it."""
 

@@ -172,15 +172,21 @@ def _sort_regions(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _cudnn_version_for_lowering() -> Iterator[None]:
+def assumed_cudnn_version() -> Iterator[None]:
     """cuDNN attention asks the installed cuDNN for its version at trace time; a machine without CUDA
-    libraries has none, so assume a recent one (only the lowering, never a run, depends on it)."""
+    libraries has none (no CUDA plugin, or a plugin without libcudnn), so assume a recent one (only the
+    lowering and compiling, never a run, depend on it)."""
     try:
         from jax._src.cudnn import fused_attention_stablehlo as fa
     except ImportError:  # another jax layout: lowering reports "cuDNN is not detected" instead
         yield
         return
-    if getattr(fa, "cuda_versions", None) is not None:
+    try:
+        fa.check_cudnn_version()
+        installed = True
+    except (RuntimeError, AttributeError, TypeError):  # no plugin (cuda_versions is None) or no libcudnn
+        installed = False
+    if installed:
         yield
         return
     original = fa.check_cudnn_version
@@ -194,7 +200,7 @@ def _cudnn_version_for_lowering() -> Iterator[None]:
 def export(fn: Callable, args: Sequence[Any], platform: str) -> jax.export.Exported:
     """jax.export for one platform; custom calls without a stability guarantee are allowed through (and
     reported by the inspection), since finding them is the point."""
-    with _cudnn_version_for_lowering():
+    with assumed_cudnn_version():
         try:
             return jax.export.export(fn, platforms=[platform])(*args)
         except ValueError as e:

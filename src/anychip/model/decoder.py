@@ -117,8 +117,10 @@ def hidden_states(
     compute_dtype: Any = jnp.bfloat16,
     remat: Remat = "none",
     attention_impl: str = "xla",
+    unroll: bool = False,
 ) -> jax.Array:
-    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype."""
+    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype. `unroll`: the layers as
+    straight-line code (XLA's cost analysis counts a scan's body once; compile time grows with depth)."""
     # The table as used: gathered over fsdp like every FSDP weight, vocab still split over tensor, so the
     # lookup is a masked local gather + all-reduce rather than a reshuffle of the whole table.
     table = constrain(params["embed"], ("vocab", "embed"))  # (V, D)
@@ -131,7 +133,7 @@ def hidden_states(
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, params["layers"])
+    x, _ = jax.lax.scan(body, x, params["layers"], unroll=cfg.n_layers if unroll else 1)
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
@@ -152,7 +154,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float
 
 def cached_hidden_states(
     params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-    *, compute_dtype: Any = jnp.float32,
+    *, compute_dtype: Any = jnp.float32, unroll: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """KV-cache decoding: tokens (B, T) at sequence positions (B, T) → final-normed hidden states (B, T, D)
     and the cache with their keys and values written at slot = position.
@@ -160,7 +162,8 @@ def cached_hidden_states(
     Each query attends to every slot at or before its own position, so with right-padded prompts the
     padding slots (after a row's last real token) are never seen: decoding overwrites them in order.
     """
-    x = params["embed"][tokens].astype(compute_dtype)  # (B, T, D)
+    table = constrain(params["embed"], ("vocab", "embed"))  # as in hidden_states: a local gather + all-reduce
+    x = constrain(table[tokens].astype(compute_dtype), ("batch", "seq", "embed"))  # (B, T, D)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)  # (B, T, hd)
     rows = jnp.arange(tokens.shape[0])[:, None]  # (B, 1), broadcasts against positions (B, T)
     mask = jnp.arange(cache.k.shape[3])[None, None, :] <= positions[..., None]  # (B, T, S)
@@ -180,7 +183,8 @@ def cached_hidden_states(
         x, cache = decoder_block(x, layer, cfg, cos, sin, attend)
         return (x, cache), None
 
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(cfg.n_layers)))
+    layers = (params["layers"], jnp.arange(cfg.n_layers))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), layers, unroll=cfg.n_layers if unroll else 1)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
 
 
@@ -196,6 +200,6 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kwargs: Any) -> jax.Array:
-    """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl."""
+    """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl, unroll."""
     logits = unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
     return constrain(logits, ("batch", "seq", "vocab"))

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from anychip.config import Config
 from anychip.config import replace as replace_config
@@ -125,20 +126,55 @@ def auto_fit(cfg: Config, n_devices: int, log: Callable[[str], None]) -> Config:
         raise UserError(f"train.auto_fit: nothing fits in {capacity / GiB:.1f} GiB per device ({source}): "
                         f"even remat=full with one sequence per microbatch needs {need / GiB:.1f} GiB; use "
                         "more devices (mesh.fsdp), a shorter train.seq_len or a smaller model")
-    best = _fastest(cfg, fits, n_devices)
-    log(f"train.auto_fit: grad_accum={best.grad_accum}, remat={best.remat} (fits {capacity / GiB:.1f} GiB "
-        f"per device, from {source})")
-    return replace_config(cfg, train={"grad_accum": best.grad_accum}, compute={"remat": best.remat})
+    ranked = [_with_layout(cfg, layout) for layout in _ranked(cfg, fits, n_devices)]
+    if n_devices == jax.device_count():  # the local devices are the target: ask their compiler
+        best = _first_compiled_fit(ranked, capacity, log)
+    else:
+        best = ranked[0]
+    log(f"train.auto_fit: grad_accum={best.train.grad_accum}, remat={best.compute.remat} (fits "
+        f"{capacity / GiB:.1f} GiB per device, from {source})")
+    return best
 
 
-def _fastest(cfg: Config, fits: list[step_model.Layout], n_devices: int) -> step_model.Layout:
-    """The candidate the planner's step-time model ranks fastest; the least remat where it cannot rank."""
+def _with_layout(cfg: Config, layout: step_model.Layout) -> Config:
+    return replace_config(cfg, train={"grad_accum": layout.grad_accum}, compute={"remat": layout.remat})
+
+
+def _ranked(cfg: Config, fits: list[step_model.Layout], n_devices: int) -> list[step_model.Layout]:
+    """The candidates, fastest first by the planner's step-time model; least remat first where it cannot rank."""
     chip = hardware.detect()
     if not chip.peak_bf16_flops:
-        return fits[0]
+        return fits
     job, _, _ = _job_layout(cfg, {"data": 1, "fsdp": 1, "tensor": 1})
     sustained, _, _ = calibration.sustained(chip, {}, cfg.model)  # the planner's default for this chip
     times = [step_model.step_time(job, chip, n_devices, layout, sustained)["step"] for layout in fits]
     if not all(map(math.isfinite, times)):  # e.g. no bandwidth figures for this chip
-        return fits[0]
-    return fits[min(range(len(fits)), key=lambda i: (times[i], i))]
+        return fits
+    return [fits[i] for i in sorted(range(len(fits)), key=lambda i: (times[i], i))]
+
+
+def compiled_peak(cfg: Config) -> float | None:
+    """XLA's peak bytes per device of `cfg`'s train step compiled for this process's devices (not run)."""
+    from anychip.parallel.mesh import batch_sharding
+    from anychip.train.step import abstract_state, build_trainer
+
+    trainer = build_trainer(cfg)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                 sharding=batch_sharding(trainer.mesh))
+    return xla_peak_bytes(trainer.step.lower(abstract_state(trainer), batch).compile())[0]
+
+
+def _first_compiled_fit(ranked: list[Config], capacity: float, log: Callable[[str], None]) -> Config:
+    """The first candidate whose compiled step fits `capacity` (the planner's pick, unless the compiler
+    disagrees); the compile lands in the persistent cache, so training reuses it."""
+    for cfg in ranked:
+        peak = compiled_peak(cfg)
+        where = f"grad_accum={cfg.train.grad_accum}, remat={cfg.compute.remat}"
+        if peak is None:
+            log(f"train.auto_fit: {where}: the compiler reports no memory analysis; trusting the planner")
+            return cfg
+        log(f"train.auto_fit: {where}: compiled: {peak / 1e9:.1f} of {capacity / 1e9:.1f} GB per device")
+        if peak <= capacity:
+            return cfg
+    raise UserError(f"train.auto_fit: the planner's candidates all compile to more than {capacity / GiB:.1f} GiB "
+                    "per device; use more devices (mesh.fsdp), a shorter train.seq_len or a smaller model")

@@ -52,7 +52,8 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
     impl = resolve_attention(cfg.compute.attention)
     if impl == "cudnn" and compute_dtype == jnp.float32:
         impl = "xla"  # cuDNN flash attention takes bf16/fp16 only
-    return {"compute_dtype": compute_dtype, "remat": cfg.compute.remat, "attention_impl": impl}
+    return {"compute_dtype": compute_dtype, "remat": cfg.compute.remat, "attention_impl": impl,
+            "unroll": cfg.compute.unroll_layers}
 
 
 def loss_fn(params: Any, tokens: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,105 @@
+"""The planner's memory model against the target chips' own compilers: compile the train step of a matrix of
+configs (models tiny to afm-3b, seq 2048-8192, remat none/dots/full, data/fsdp/tensor meshes) for TPU v5e,
+v5p, v6e and H100/H200 (`anychip check --compile`, on this CPU-only machine), and put the compiled peak per
+device beside the planner's estimate. Needs the aot extra.
+
+    python benchmarks/compile_matrix.py --out benchmarks/compile_matrix.jsonl   # appends one JSON line per row
+    python benchmarks/compile_matrix.py --table benchmarks/compile_matrix.jsonl # the markdown table
+    python benchmarks/compile_matrix.py --quick ...                             # the default suite's rows
+
+Rows already in --out are skipped, so an interrupted run resumes.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from anychip.check.compile import compile_step, parse_target, planner_estimate
+from anychip.config import load_config
+
+# (target, overrides). Batches are global sequences; every mesh axis is named so the row says its layout.
+MATRIX = [
+    ("tpu-v5e:4", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=8 mesh.fsdp=4"),
+    ("tpu-v5e:8", "model=350m train.seq_len=2048 train.batch_size=16 compute.remat=dots mesh.fsdp=8"),
+    ("tpu-v5p:8", "model=350m train.seq_len=2048 train.batch_size=16 compute.remat=dots mesh.data=8 mesh.fsdp=1"),
+    ("tpu-v5p:8", "model=350m train.seq_len=2048 train.batch_size=16 compute.remat=dots mesh.fsdp=8"),
+    ("tpu-v5p:8", "model=1b train.seq_len=4096 train.batch_size=16 compute.remat=dots mesh.fsdp=4 mesh.tensor=2"),
+    ("tpu-v5p:8", "model=afm-3b train.seq_len=8192 train.batch_size=8 compute.remat=full mesh.fsdp=8"),
+    ("tpu-v5p:16", "model=afm-3b train.seq_len=4096 train.batch_size=32 compute.remat=full mesh.fsdp=16"),
+    ("tpu-v6e:8", "model=1b train.seq_len=2048 train.batch_size=16 compute.remat=dots mesh.fsdp=8"),
+    ("tpu-v6e:4", "model=350m model.max_seq_len=8192 train.seq_len=8192 train.batch_size=4 compute.remat=none mesh.fsdp=4"),
+    ("h100:1", "model=350m train.seq_len=2048 train.batch_size=16 compute.remat=dots mesh.fsdp=1"),
+    ("h100:8", "model=350m train.seq_len=2048 train.batch_size=16 compute.remat=dots mesh.fsdp=8"),
+    ("h100:8", "model=1b train.seq_len=4096 train.batch_size=16 compute.remat=none mesh.data=2 mesh.fsdp=4"),
+    ("h100:8", "model=afm-3b train.seq_len=4096 train.batch_size=16 compute.remat=full mesh.fsdp=4 mesh.tensor=2"),
+    ("h200:8", "model=afm-3b train.seq_len=8192 train.batch_size=8 compute.remat=dots mesh.fsdp=8"),
+    ("h200:8", ("model=1b model.max_seq_len=8192 train.seq_len=8192 train.batch_size=16 compute.remat=full "
+                "mesh.data=2 mesh.fsdp=2 mesh.tensor=2")),
+    ("h200:1", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=8 mesh.fsdp=1"),
+]
+# The default suite's few small ones (tests/test_compile.py): one per compiler, seconds each.
+QUICK = [
+    ("tpu-v5e:4", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=8 mesh.fsdp=4"),
+    ("h200:1", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=8 mesh.fsdp=1"),
+]
+COMMON = ["compute.compile_cache_dir=null"]
+
+
+def row(target: str, overrides: str) -> dict:
+    cfg = load_config(None, overrides.split() + COMMON)
+    report = compile_step(cfg, parse_target(target)).as_json()
+    return {"overrides": overrides, **report, "ratio": report["planner_peak_bytes"] / report["peak_bytes"]}
+
+
+def run(matrix: list, out: Path, only: str = "") -> None:
+    """Compile the rows not yet in `out` (re-read before each row, so several processes can share it)."""
+    for target, overrides in matrix:
+        if only and not target.startswith(tuple(only.split(","))):
+            continue
+        lines = out.read_text().splitlines() if out.exists() else []
+        if (target, overrides) in {(r["target"], r["overrides"]) for r in map(json.loads, lines)}:
+            continue
+        r = row(target, overrides)
+        with out.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"{target} {overrides}: compiled {r['peak_bytes'] / 2**30:.2f} GiB, planner "
+              f"{r['planner_peak_bytes'] / 2**30:.2f} GiB ({r['ratio']:.2f}) {r['error']}", flush=True)
+
+
+def table(path: Path) -> str:
+    """Compiled peaks as recorded; the planner column re-evaluated with the current memory model (the
+    recorded one, from before any refit, beside it)."""
+    head = ("| target | config | mesh d×f×t | compiled peak GiB | planner GiB | planner/compiled | as recorded | fits |"
+            " compile s |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in map(json.loads, path.read_text().splitlines()):
+        m = r["mesh"]
+        planner = planner_estimate(load_config(None, r["overrides"].split() + COMMON), parse_target(r["target"]), m)
+        cfg = " ".join(o.split("=", 1)[1] if o.startswith("model=") else o.split(".", 1)[1]
+                       for o in r["overrides"].split() if not o.startswith(("mesh.", "model.max_seq")))
+        lines.append(f"| {r['target']} | {cfg} | {m['data']}×{m['fsdp']}×{m['tensor']} | "
+                     f"{r['peak_bytes'] / 2**30:.2f} | {planner / 2**30:.2f} | {planner / r['peak_bytes']:.2f} | "
+                     f"{r['ratio']:.2f} | {'yes' if r['fits'] else 'no' + (' (compiler OOM)' if r['error'] else '')} | "
+                     f"{r['compile_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="append rows to this JSON-lines file")
+    p.add_argument("--table", type=Path, help="print the markdown table of this JSON-lines file")
+    p.add_argument("--quick", action="store_true", help="only the default suite's rows")
+    p.add_argument("--only", default="", help="only targets starting with these comma-separated prefixes")
+    args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+    elif args.out:
+        run(QUICK if args.quick else MATRIX, args.out, args.only)
+    else:
+        p.print_help()
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
