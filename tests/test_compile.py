@@ -91,13 +91,16 @@ def test_tpu_out_of_memory_is_one_line_and_exit_1():
                 "--target", "tpu-v5e:1")
     assert r.returncode == 1, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if "does not fit" in x]
-    assert len(line) == 1 and "needs" in line[0] and "GiB per chip" in line[0], r.stdout
+    assert len(line) == 1 and "needs" in line[0] and "GiB of 15.8 GiB per chip" in line[0], r.stdout
 
 
 def test_tpu_oom_message_parses():
     msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
            "Used 117.80G of 95.74G hbm. Exceeded hbm capacity by 22.06G.")
     assert tpu_oom(msg) == (117.80 * 2**30, 95.74 * 2**30)
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (68.08G) "
+           "exceeds available HBM (15.75G).")
+    assert tpu_oom(msg) == (68.08 * 2**30, 15.75 * 2**30)
     assert tpu_oom("INTERNAL: something else") is None
 
 

@@ -191,7 +191,10 @@ class CompileReport:
         return {**self.__dict__, "fits": self.fits}
 
 
-_TPU_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+# libtpu words it two ways: "Used 117.80G of 95.74G hbm." (the whole program), or "the total memory required
+# for HLO temporaries (68.08G) exceeds available HBM (15.75G)" (temporaries alone already too many).
+_TPU_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm|"
+                      r"required for HLO temporaries \(([\d.]+)([KMGT])?\) exceeds available HBM \(([\d.]+)([KMGT])?\)")
 _UNITS = {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -200,7 +203,8 @@ def tpu_oom(message: str) -> tuple[float, float] | None:
     m = _TPU_OOM.search(message)
     if "RESOURCE_EXHAUSTED" not in message or not m:
         return None
-    return float(m.group(1)) * _UNITS[m.group(2)], float(m.group(3)) * _UNITS[m.group(4)]
+    g = m.groups()[:4] if m.group(1) else m.groups()[4:]
+    return float(g[0]) * _UNITS[g[1]], float(g[2]) * _UNITS[g[3]]
 
 
 def hbm_per_device(target: Target, n_devices: int) -> float | None:
