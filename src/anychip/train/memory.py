@@ -21,7 +21,7 @@ from anychip.config import Config
 from anychip.config import replace as replace_config
 from anychip.cost import hardware, step_model
 from anychip.errors import UserError
-from anychip.model.attention import resolve as resolve_attention
+from anychip.model.attention import kernel_for
 from anychip.parallel.mesh import mesh_shape
 
 GiB = 2**30
@@ -44,7 +44,7 @@ def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step
     job = step_model.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if c.dtype == "float32" else 2, c.loss_chunk)
     remat = "dots" if c.remat == "dots_no_batch" else c.remat  # the planner models none / dots / full
     layout = step_model.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
-    flash = resolve_attention(c.attention) == "cudnn" and c.dtype != "float32"
+    flash = kernel_for(c.attention, c.dtype) != "xla"  # every kernel but the reference keeps no T×T
     return job, layout, flash
 
 
