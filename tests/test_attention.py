@@ -157,6 +157,7 @@ def test_splash_gradients_match_reference_in_interpret_mode():
         np.testing.assert_allclose(g, r, rtol=FP32_TOL, atol=2e-5)
 
 
+@pytest.mark.slow  # tests/test_portability.py lowers the default TPU step (splash) in the default suite
 def test_fast_kernels_lower_for_their_chips_with_documents():
     # No GPU or TPU here: lowering is enough to show the document mask reaches each vendor kernel (a cuDNN
     # custom call for CUDA, a Mosaic kernel for TPU), and that each is reported as native there only.
