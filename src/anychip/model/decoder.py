@@ -184,12 +184,15 @@ def cached_hidden_states(
         layer, i = layer_and_index
 
         def attend(q, k, v):
+            if prefill is not None:  # slots 0..T-1 of layer i: one contiguous write, not a T-row scatter
+                def write(c, x):
+                    return jax.lax.dynamic_update_slice(c, x.swapaxes(1, 2)[None].astype(c.dtype), (i, 0, 0, 0, 0))
+
+                return attention(q, k, v, prefill), KVCache(write(cache.k, k), write(cache.v, v))
             # Indices i, rows, positions broadcast to (B, T) and come first, the sliced KV axis after:
             # the update is (B, T, KV, hd), exactly k's shape.
             kc = cache.k.at[i, rows, :, positions].set(k.astype(cache.k.dtype))
             vc = cache.v.at[i, rows, :, positions].set(v.astype(cache.v.dtype))
-            if prefill is not None:
-                return attention(q, k, v, prefill), KVCache(kc, vc)
             out = xla_attention(q, kc[i].swapaxes(1, 2), vc[i].swapaxes(1, 2), mask)  # (B, S, KV, hd) views
             return out, KVCache(kc, vc)
 
