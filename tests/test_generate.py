@@ -34,7 +34,7 @@ def full_logits(params, tokens):
     return forward(params, tokens, CFG, compute_dtype=jnp.float32)  # (B, T, V)
 
 
-cached_step = jax.jit(cached_hidden_states, static_argnames="cfg")
+cached_step = jax.jit(cached_hidden_states, static_argnames=("cfg", "prefill"))
 
 
 def test_greedy_equals_full_forward_argmax(params):
@@ -46,11 +46,13 @@ def test_greedy_equals_full_forward_argmax(params):
         np.testing.assert_array_equal(argmax[len(prompt) - 1:-1], new)
 
 
-def test_cached_logits_equal_full_forward_logits(params):
+@pytest.mark.parametrize("prefill", [None, "blockwise"])  # the prompt over the whole cache, or over itself
+def test_cached_logits_equal_full_forward_logits(params, prefill):
     lengths = np.array([4, 8])
     tokens = np.array([[3, 4, 5, 6, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])  # right padded
     fed = np.array([[11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25]])  # fed one at a time after the prompt
-    h, cache = cached_step(params, tokens, np.broadcast_to(np.arange(8), (2, 8)), init_cache(CFG, 2, 32), cfg=CFG)
+    h, cache = cached_step(params, tokens, np.broadcast_to(np.arange(8), (2, 8)), init_cache(CFG, 2, 32), cfg=CFG,
+                           prefill=prefill)
     prefill = np.asarray(unembed(params, h, CFG))  # (2, 8, V)
     steps = []
     for t in range(fed.shape[1]):

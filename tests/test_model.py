@@ -160,16 +160,17 @@ def test_cudnn_attention_matches_portable_path(key):
                                np.asarray(xla_attention(q, k, v), np.float32), atol=2e-2)
 
 
-def test_attention_auto_picks_cudnn_only_on_cuda():
+def test_attention_auto_picks_each_chips_kernel():
     from anychip.model.attention import resolve
 
     assert resolve("auto", "cuda") == resolve("auto", "gpu") == "cudnn"
-    assert {resolve("auto", b) for b in ("rocm", "tpu", "neuron", "cpu")} == {"xla"}
+    assert resolve("auto", "tpu") == "splash"
+    assert {resolve("auto", b) for b in ("rocm", "neuron", "cpu")} == {"blockwise"}
     assert resolve("auto") == resolve("auto", jax.default_backend())  # this machine, whatever it is
     assert resolve("cudnn", "cpu") == "cudnn"  # an explicit choice is kept
 
 
-@pytest.mark.parametrize("platform_version, expected", [("rocm 60300", "xla"), ("cuda 13000", "cudnn")])
+@pytest.mark.parametrize("platform_version, expected", [("rocm 60300", "blockwise"), ("cuda 13000", "cudnn")])
 def test_attention_auto_tells_rocm_from_cuda(monkeypatch, platform_version, expected):
     # No GPU here: a stand-in device shaped like a PJRT GPU device, as JAX reports both kinds ("gpu").
     import types

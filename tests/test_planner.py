@@ -20,6 +20,7 @@ from anychip.cost import calibration, hardware, planner, step_model
 from anychip.cost.calibration import BenchRecord
 from anychip.errors import UserError
 from anychip.model import decoder
+from anychip.model.attention import xla_attention
 from anychip.model.flops import flops_per_token
 from anychip.model.loss import cross_entropy
 from anychip.model.params import count_params, init_params
@@ -93,7 +94,7 @@ def test_remat_and_flash_reduce_activation_memory():
     mem = {r: step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, r))["activations"]
            for r in step_model.REMATS}
     assert mem["full"] < mem["dots"] < mem["none"]
-    flash = step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, "none"), flash=True)["activations"]
+    flash = step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, "none"), "flash")["activations"]
     assert flash < mem["none"] / 3  # the T×T scores dominate at T=4096 with the portable attention
 
 
@@ -110,7 +111,7 @@ def _train_step(cfg: ModelConfig, remat: str, unrolled: bool = False):
         cos, sin = decoder.rope_tables(jnp.arange(tokens.shape[1])[None], cfg.head_dim, cfg.rope_base)
         for i in range(cfg.n_layers):
             layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-            x = decoder.decoder_layer(x, layer, cfg, cos, sin, "xla")
+            x = decoder.decoder_layer(x, layer, cfg, cos, sin, xla_attention)
         return decoder.unembed(params, decoder.rms_norm(x, params["final_norm"], cfg.norm_eps), cfg)
 
     def step(params, opt_state, tokens):

@@ -24,8 +24,10 @@ def test_default_config_passes_every_platform():
     reports = portability.check(cfg, ["cpu", "cuda", "tpu", "neuron"], n_devices=8)
     assert all(r.ok for r in reports), lines(reports, cfg)
     assert all(r.serialized_bytes > 10_000 for r in reports)
-    # The portable path has no custom calls; on CUDA, attention=auto picks cuDNN, which is reported.
-    assert not any(r.findings for r in reports if r.platform != "cuda")
+    # The portable path has no custom calls; attention=auto picks cuDNN on CUDA and the Pallas splash kernel
+    # on TPU, whose custom calls are reported as notes on their own platform.
+    assert not any(r.findings for r in reports if r.platform not in ("cuda", "tpu"))
+    assert all(not f.fatal and "Mosaic TPU" in f.message for r in reports if r.platform == "tpu" for f in r.findings)
     assert [r.devices for r in reports if r.platform != "cuda"] == [8, 8, 8]
 
 

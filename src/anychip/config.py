@@ -188,6 +188,10 @@ class TrainConfig:
     """Weight of the z-loss, mean(logsumexp²) (PaLM): keeps the softmax normaliser near 1."""
     auto_fit: bool = False
     """Pick grad_accum and compute.remat so the step fits device memory (train/memory.py)."""
+    document_mask: bool = False
+    """Each token attends only to tokens of its own document (documents end at the end-of-text token)."""
+    eot_id: int | None = None
+    """The end-of-text token id for document_mask; null = the training data tokenizer's."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -198,6 +202,7 @@ class TrainConfig:
             f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size}",
         )
         require(self.z_loss >= 0, f"train.z_loss must be >= 0, got {self.z_loss}")
+        require(self.eot_id is None or 0 <= self.eot_id < 2**31, f"train.eot_id must be >= 0, got {self.eot_id}")
 
 
 @dataclass(frozen=True)
@@ -210,8 +215,11 @@ class ComputeConfig:
     """Master weights (and AdamW state) dtype."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     """What the backward pass recomputes: nothing, everything, or all but matmul (and flash-attention) outputs."""
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
-    """Attention kernel: auto picks the chip's fast path; xla is the portable reference."""
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = "auto"
+    """Attention kernel: auto picks the chip's fast path (cudnn on NVIDIA, splash on TPU, blockwise elsewhere);
+    xla is the reference that keeps T×T scores (docs/attention.md)."""
+    attention_block: int = 512
+    """Query/key tile of the blockwise and splash kernels (splash: a multiple of 128)."""
     loss_chunk: int = 0
     """Positions per chunk of the fused unembedding + cross-entropy, which never holds the whole batch's
     logits (model/loss.py); 0 = the reference path."""
@@ -220,6 +228,9 @@ class ComputeConfig:
     a loop body once, tests/test_work_split.py); compile time grows with depth."""
     compile_cache_dir: str | None = "~/.cache/anychip/xla"
     """Persistent XLA compilation cache; null disables it."""
+
+    def __post_init__(self) -> None:
+        require(0 < self.attention_block < 2**20, f"compute.attention_block must be positive, got {self.attention_block}")
 
 
 @dataclass(frozen=True)

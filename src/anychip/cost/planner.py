@@ -129,7 +129,7 @@ def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | No
     return PlanRow(
         chip=chip.key, chip_name=chip.name, n_chips=n, layout=layout,
         micro_rows=job.batch // (layout.data * layout.fsdp * layout.grad_accum),
-        memory_bytes=memory_per_chip(job, layout, chip.attention == "flash")["total"], hbm_bytes=chip.hbm_bytes,
+        memory_bytes=memory_per_chip(job, layout, chip.attention)["total"], hbm_bytes=chip.hbm_bytes,
         step_s=step, mfu=None if not chip.peak_bf16_flops else model_flops / (step * n * chip.peak_bf16_flops),
         tokens_per_s_per_chip=job.batch * job.seq_len / step / n, wall_s=wall, cost_usd=cost,
         usd_per_mtok=None if cost is None else cost / (steps * job.batch * job.seq_len / 1e6),
@@ -149,7 +149,7 @@ def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | Non
     for base, rows in _layouts(job, chip, n, remats):
         for ga in _divisors(rows):
             layout = replace(base, grad_accum=ga)
-            if memory_per_chip(job, layout, chip.attention == "flash")["total"] <= budget:
+            if memory_per_chip(job, layout, chip.attention)["total"] <= budget:
                 row = _row(job, chip, n, layout, s, eff, how)
                 untimed |= not math.isfinite(row.step_s)
                 if math.isfinite(row.step_s) and (best is None or row.step_s < best.step_s):

@@ -10,8 +10,10 @@ Memory per chip
     model/decoder.py under each policy (listed in `_residuals`), × n_layers, plus the larger of one
     layer's backward working set (1× its un-rematerialised residuals, 1.5× under 'full') and the loss's: 8·V
     bytes for fp32 logits and their gradient (with compute.loss_chunk only one chunk's, plus dloss/dh).
-    The portable attention saves the T×T scores; a "flash" chip does not.
-  * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE (1.10, none with cuDNN attention), and only
+    The reference attention saves the T×T scores; a "flash" chip (cuDNN, Pallas splash: tiles in on-chip
+    memory) does not, nor does "blockwise" (model/blockwise.py), which adds its backward's fp32 tiles in
+    HBM: score, probability, dP and dS, block² each per local head and sequence of the microbatch.
+  * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE (1.10, none with a fused "flash" kernel), and only
     HBM_USABLE of HBM may be planned. Checked against XLA's own memory analysis on CPU (tests/test_planner.py)
     and against libtpu and XLA:GPU compiling for TPU v5e/v5p/v6e and H100/H200 (benchmarks/compile_matrix.py).
 
@@ -46,8 +48,8 @@ from anychip.parallel.mesh import PARAM_RULES
 REMATS = ("none", "dots", "full")
 DEFAULT_EFFICIENCY = 0.45  # ASSUMPTION: sustained fraction of peak for chips without a published run
 HBM_USABLE = 0.90  # leave 10% for the runtime, allocator fragmentation, collectives' buffers
-# XLA temp buffers beyond the counted residuals (copies, fusion outputs), by whether attention is the fused
-# (cuDNN) kernel. Fitted to the target compilers (benchmarks/compile_matrix.py, docs/planner.md "Memory model
+# XLA temp buffers beyond the counted residuals (copies, fusion outputs), by whether attention is a fused
+# "flash" kernel (cuDNN; Pallas splash on TPU is assumed alike: one compiled row, benchmarks/RESULTS.md). Fitted to the target compilers (benchmarks/compile_matrix.py, docs/planner.md "Memory model
 # accuracy"): XLA:CPU and libtpu with the portable attention need the 1.10 (TPU rows +5% with it); XLA:GPU
 # with cuDNN attention needs none (1.10 put its rows at +5% to +19%, 1.00 at -2% to +12%).
 XLA_TEMP_FUDGE = {False: 1.10, True: 1.00}
@@ -65,6 +67,7 @@ class Job:
     batch: int  # global batch, sequences
     compute_bytes: int = 2  # bf16 compute; 4 for float32
     loss_chunk: int = 0  # compute.loss_chunk: positions per chunk of the fused cross-entropy, 0 = off
+    attention_block: int = 512  # compute.attention_block: the blockwise kernel's tile edge
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,9 @@ def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool) -> tup
     return 2 * norm * D, 2 * b * D + 2 * b * Dkv + 6 * b * F + attn + qk
 
 
-def _act_per_token(job: Job, remat: str, tensor: int, flash: bool) -> tuple[float, float]:
+def _act_per_token(job: Job, remat: str, tensor: int, attention: str) -> tuple[float, float]:
     """(bytes held per token across the whole backward, bytes saved per token) for one chip."""
-    cfg, b = job.cfg, job.compute_bytes
+    cfg, b, flash = job.cfg, job.compute_bytes, attention != "xla"
     rep, shard = _residuals(cfg, job.seq_len, remat, b, flash)
     saved = cfg.n_layers * (rep + shard / tensor)
     rep0, shard0 = _residuals(cfg, job.seq_len, "none", b, flash)
@@ -128,6 +131,8 @@ def _act_per_token(job: Job, remat: str, tensor: int, flash: bool) -> tuple[floa
     # their gradient (XLA fuses the softmax between them), or with train.loss_chunk one chunk's, plus
     # dloss/dh kept per token. The two are never live together. Fitted to XLA's memory analysis on CPU.
     working = (1.5 if remat == "full" else 1.0) * (rep0 + shard0 / tensor)
+    if attention == "blockwise":
+        working += _blockwise_tiles(job, tensor) / job.seq_len
     vocab_split = tensor if cfg.vocab_size % tensor == 0 else 1
     logits = 8 * cfg.vocab_size / vocab_split
     if job.loss_chunk:
@@ -136,8 +141,15 @@ def _act_per_token(job: Job, remat: str, tensor: int, flash: bool) -> tuple[floa
     return saved + max(working, head), saved
 
 
-def memory_per_chip(job: Job, layout: Layout, flash: bool = False) -> dict[str, float]:
-    """Predicted peak bytes per chip, by component (see the module docstring)."""
+def _blockwise_tiles(job: Job, tensor: int) -> float:
+    """Bytes per sequence of the blockwise backward's live tiles: 4 fp32 (block × block) per local head."""
+    H = job.cfg.n_heads
+    heads = H / tensor if H % tensor == 0 else H
+    return 16 * heads * min(job.attention_block, job.seq_len) ** 2
+
+
+def memory_per_chip(job: Job, layout: Layout, attention: str = "xla") -> dict[str, float]:
+    """Predicted peak bytes per chip, by component (see the module docstring); attention: Chip.attention's kinds."""
     cfg, b, t, f = job.cfg, job.compute_bytes, layout.tensor, layout.fsdp
     rows = job.batch / (layout.data * f * layout.grad_accum)
     p = local_params(cfg, f, t)
@@ -145,8 +157,8 @@ def memory_per_chip(job: Job, layout: Layout, flash: bool = False) -> dict[str, 
     # Without remat the compute-dtype casts of every layer's weights are saved for the backward.
     casts = b * p if layout.remat == "none" and b != 4 else 0.0
     gathered = 2 * b * local_params(cfg, 1, t) / cfg.n_layers if f > 1 else 0.0  # 2 layers all-gathered
-    held, _ = _act_per_token(job, layout.remat, t, flash)
-    acts = XLA_TEMP_FUDGE[flash] * rows * job.seq_len * held
+    held, _ = _act_per_token(job, layout.remat, t, attention)
+    acts = XLA_TEMP_FUDGE[attention == "flash"] * rows * job.seq_len * held
     return {"states": states, "weight_casts": casts, "gathered": gathered, "activations": acts,
             "total": states + casts + gathered + acts}
 
@@ -179,7 +191,7 @@ def _collective_s(nbytes: float, split: tuple[int, int], chip: Chip, calls: int 
 
 def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: float) -> dict[str, float]:
     """Predicted seconds per optimizer step, with its parts (module docstring)."""
-    cfg, b, flash = job.cfg, job.compute_bytes, chip.attention == "flash"
+    cfg, b = job.cfg, job.compute_bytes
     t, f, ga, L = layout.tensor, layout.fsdp, layout.grad_accum, cfg.n_layers
     tok_mb = job.batch * job.seq_len / (layout.data * f * ga)  # tokens per chip (group) per microbatch
     T = job.seq_len
@@ -187,7 +199,7 @@ def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: flo
     compute = fpt * tok_mb / t / sustained_flops
     hbm_bw = (chip.hbm_bw or 0) * HBM_EFF
     p_group = local_params(cfg, 1, t)  # params a chip computes with (gathered over fsdp)
-    _, saved = _act_per_token(job, layout.remat, t, flash)
+    _, saved = _act_per_token(job, layout.remat, t, chip.attention)
     hbm = (12 * p_group + 3 * saved * tok_mb) / hbm_bw if hbm_bw else 0.0  # weights r/w, acts w+r+grad
     sp = _splits(chip, n, layout)
     # Per layer: FSDP all-gathers (fwd, bwd) + reduce-scatter, the DP all-reduce of the grad shard.

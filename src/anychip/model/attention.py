@@ -1,25 +1,35 @@
-"""Causal grouped-query attention: a portable XLA reference and the cuDNN flash kernel on NVIDIA GPUs.
+"""Causal grouped-query attention: the kernels and which one each chip gets (docs/attention.md).
 
-The portable path is plain einsums and a softmax in fp32: it lowers to StableHLO that every PJRT
-backend compiles (CPU, GPU, TPU, Neuron) with no custom calls. The cuDNN path goes through
-`jax.nn.dot_product_attention(implementation="cudnn")`, which emits a cuDNN custom call and so
-only compiles for CUDA; tests check it against the reference wherever a GPU is present.
+* `xla`: the reference. Plain einsums and a softmax in fp32 over the whole T×T score matrix; it lowers
+  to StableHLO every PJRT backend compiles, and keeps the scores per head (memory ∝ T²).
+* `blockwise`: the portable flash attention (model/blockwise.py): pure JAX, key blocks with an online
+  softmax, no T×T buffer; lowers to plain StableHLO (static loops, no custom calls), so it runs on CPU,
+  GPU, TPU and Trainium alike. `auto` picks it everywhere but NVIDIA and TPU.
+* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, a cuDNN custom call: NVIDIA only.
+* `splash`: the Pallas TPU splash-attention kernel that ships with jax (model/splash.py): TPU only.
+
+Every kernel takes `segments` (B, T) document ids for document masking (a query sees only keys of its own
+document), or None for one document per row.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
-AttentionImpl = Literal["auto", "xla", "cudnn"]
+from anychip.model.blockwise import blockwise_attention
+
+AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
+Kernel = Literal["xla", "blockwise", "cudnn", "splash"]
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """q: (B, T, H, hd); k, v: (B, S, KV, hd) with KV dividing H → (B, T, H, hd).
 
-    mask: (B, T, S) bool, True where a query may attend a key (KV-cache decoding); None means causal, T == S.
+    mask: (B or 1, T, S) bool, True where a query may attend a key (KV-cache decoding, documents); None
+    means causal, T == S.
     """
     B, T, H, hd = q.shape
     kv = k.shape[2]
@@ -32,12 +42,30 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+def causal_mask(T: int, segments: jax.Array | None = None) -> jax.Array:
+    """(B or 1, T, T) bool: key at or before the query, and (with segments (B, T)) in the same document."""
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    if segments is None:
+        return mask
+    return mask & (segments[:, :, None] == segments[:, None, :])
 
 
-def resolve(impl: AttentionImpl, backend: str | None = None) -> Literal["xla", "cudnn"]:
-    """`auto` picks cuDNN on NVIDIA GPUs and the portable path everywhere else (ROCm included)."""
+def document_segments(tokens: jax.Array, eot_id: int) -> jax.Array:
+    """tokens (B, T) → document ids (B, T): the number of end-of-text tokens before each position, so an
+    end-of-text token belongs to the document it ends."""
+    is_eot = (tokens == eot_id).astype(jnp.int32)
+    return jnp.cumsum(is_eot, axis=1) - is_eot
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+    # The public API has no segment ids; documents go in as a boolean mask (B, 1, T, T), which cuDNN
+    # takes as an additive bias: one T×T per row, not per head.
+    mask = None if segments is None else causal_mask(q.shape[1], segments)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def resolve(impl: AttentionImpl, backend: str | None = None) -> Kernel:
+    """`auto` picks cuDNN on NVIDIA GPUs, the Pallas splash kernel on TPU, blockwise everywhere else."""
     if impl != "auto":
         return impl
     if backend is None:
@@ -45,10 +73,26 @@ def resolve(impl: AttentionImpl, backend: str | None = None) -> Literal["xla", "
         # JAX names both CUDA and ROCm "gpu"; the client's platform version tells them apart.
         if backend == "gpu" and "rocm" in str(getattr(jax.devices()[0].client, "platform_version", "")).lower():
             backend = "rocm"
-    return "cudnn" if backend in ("gpu", "cuda") else "xla"
+    if backend in ("gpu", "cuda"):
+        return "cudnn"
+    return "splash" if backend == "tpu" else "blockwise"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Literal["xla", "cudnn"] = "xla") -> jax.Array:
+def kernel_for(impl: AttentionImpl, compute_dtype: Any, backend: str | None = None) -> Kernel:
+    """The kernel a step in `compute_dtype` runs: cuDNN takes bf16/fp16 only, so fp32 falls back to blockwise."""
+    kernel = resolve(impl, backend)
+    return "blockwise" if kernel == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32 else kernel
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Kernel = "xla", segments: jax.Array | None = None,
+              block: int = 512) -> jax.Array:
+    """Causal attention with kernel `impl`; `block`: the blockwise and splash kernels' tile size."""
     if impl == "cudnn":
-        return cudnn_attention(q, k, v)
-    return xla_attention(q, k, v)
+        return cudnn_attention(q, k, v, segments)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, segments, block=block)
+    if impl == "splash":
+        from anychip.model.splash import splash_attention  # Pallas TPU: imported only where it is used
+
+        return splash_attention(q, k, v, segments, block=block)
+    return xla_attention(q, k, v, None if segments is None else causal_mask(q.shape[1], segments))

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from anychip.config import ModelConfig
-from anychip.model.attention import attention, xla_attention
+from anychip.model.attention import Kernel, attention, document_segments, xla_attention
+from anychip.model.blockwise import SAVED_NAMES
 from anychip.model.params import Params
 from anychip.parallel.mesh import constrain
 
@@ -27,13 +28,16 @@ Remat = Literal["none", "full", "dots", "dots_no_batch"]
 # The cuDNN flash-attention forward (jax.nn.dot_product_attention): a custom call, not a dot, so the dot
 # policies alone would run it again in the backward pass. Its outputs (attention output and softmax
 # statistics: ~D + H values per token) are worth keeping. The name is jax/_src/cudnn's; a test counts the
-# forward calls in the exported CUDA step, so a rename shows.
+# forward calls in the exported CUDA step, so a rename shows. The blockwise and splash kernels name their
+# residuals (output, log-sum-exp) with checkpoint_name instead.
 _FLASH_ATTENTION_PRIMITIVE = "dot_product_attention_fwd_wrapper"
+_FLASH_NAMES = jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES, "splash_residuals")
 
 
 def _and_flash_attention(policy: Callable) -> Callable:
     def saveable(prim: Any, *args: Any, **params: Any) -> bool:
-        return prim.name == _FLASH_ATTENTION_PRIMITIVE or policy(prim, *args, **params)
+        return (prim.name == _FLASH_ATTENTION_PRIMITIVE or _FLASH_NAMES(prim, *args, **params)
+                or policy(prim, *args, **params))
 
     return saveable
 
@@ -104,9 +108,9 @@ def decoder_block(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable
     return constrain(x, ("batch", "seq", "embed")), aux
 
 
-def decoder_layer(x, layer: Params, cfg: ModelConfig, cos, sin, attention_impl: str) -> jax.Array:
+def decoder_layer(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable) -> jax.Array:
     """The training block: causal attention over the whole sequence. x: (B, T, D)."""
-    return decoder_block(x, layer, cfg, cos, sin, lambda q, k, v: (attention(q, k, v, attention_impl), None))[0]
+    return decoder_block(x, layer, cfg, cos, sin, lambda q, k, v: (attend(q, k, v), None))[0]
 
 
 def hidden_states(
@@ -116,20 +120,29 @@ def hidden_states(
     *,
     compute_dtype: Any = jnp.bfloat16,
     remat: Remat = "none",
-    attention_impl: str = "xla",
+    attention_impl: Kernel = "xla",
+    attention_block: int = 512,
+    eot_id: int | None = None,
     unroll: bool = False,
 ) -> jax.Array:
-    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype. `unroll`: the layers as
-    straight-line code (XLA's cost analysis counts a scan's body once; compile time grows with depth)."""
+    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype.
+
+    eot_id: document masking, each token attends only within its document (documents end at eot_id).
+    unroll: the layers as straight-line code (XLA's cost analysis counts a scan's body once; compile time
+    grows with depth)."""
     # The table as used: gathered over fsdp like every FSDP weight, vocab still split over tensor, so the
     # lookup is a masked local gather + all-reduce rather than a reshuffle of the whole table.
     table = constrain(params["embed"], ("vocab", "embed"))  # (V, D)
     x = constrain(table[tokens].astype(compute_dtype), ("batch", "seq", "embed"))  # (B, T, D)
     positions = jnp.arange(tokens.shape[1])[None, :]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)  # (1, T, hd)
+    segments = None if eot_id is None else document_segments(tokens, eot_id)  # (B, T)
+
+    def attend(q, k, v):
+        return attention(q, k, v, attention_impl, segments, attention_block)
 
     def body(x, layer):
-        return decoder_layer(x, layer, cfg, cos, sin, attention_impl), None
+        return decoder_layer(x, layer, cfg, cos, sin, attend), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
@@ -154,13 +167,15 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float
 
 def cached_hidden_states(
     params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-    *, compute_dtype: Any = jnp.float32, unroll: bool = False,
+    *, compute_dtype: Any = jnp.float32, prefill: Kernel | None = None, unroll: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """KV-cache decoding: tokens (B, T) at sequence positions (B, T) → final-normed hidden states (B, T, D)
     and the cache with their keys and values written at slot = position.
 
     Each query attends to every slot at or before its own position, so with right-padded prompts the
     padding slots (after a row's last real token) are never seen: decoding overwrites them in order.
+    prefill: a kernel for the first call, whose positions are 0..T-1 of an empty cache; the tokens then
+    attend only to each other, causally, with that kernel (no (T, S) scores over the whole cache).
     """
     table = constrain(params["embed"], ("vocab", "embed"))  # as in hidden_states: a local gather + all-reduce
     x = constrain(table[tokens].astype(compute_dtype), ("batch", "seq", "embed"))  # (B, T, D)
@@ -173,6 +188,11 @@ def cached_hidden_states(
         layer, i = layer_and_index
 
         def attend(q, k, v):
+            if prefill is not None:  # slots 0..T-1 of layer i: one contiguous write, not a T-row scatter
+                def write(c, x):
+                    return jax.lax.dynamic_update_slice(c, x.swapaxes(1, 2)[None].astype(c.dtype), (i, 0, 0, 0, 0))
+
+                return attention(q, k, v, prefill), KVCache(write(cache.k, k), write(cache.v, v))
             # Indices i, rows, positions broadcast to (B, T) and come first, the sliced KV axis after:
             # the update is (B, T, KV, hd), exactly k's shape.
             kc = cache.k.at[i, rows, :, positions].set(k.astype(cache.k.dtype))
@@ -200,6 +220,6 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kwargs: Any) -> jax.Array:
-    """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl, unroll."""
+    """tokens (B, T) → fp32 logits (B, T, V). kwargs: those of `hidden_states`."""
     logits = unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
     return constrain(logits, ("batch", "seq", "vocab"))

@@ -22,6 +22,7 @@ import numpy as np
 from anychip.config import ModelConfig
 from anychip.data.chat import PromptTokenizer, stop_index
 from anychip.errors import UserError
+from anychip.model.attention import kernel_for
 from anychip.model.decoder import cached_hidden_states, init_cache, unembed
 from anychip.model.params import Params, is_norm
 
@@ -81,7 +82,8 @@ def _decode(
     run = partial(cached_hidden_states, params, cfg=cfg, compute_dtype=compute_dtype)
 
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-    h, cache = run(tokens, positions, init_cache(cfg, B, cache_len, compute_dtype))  # prefill: (B, P, D)
+    prefill = kernel_for("auto", compute_dtype)  # the prompt attends to itself with the chip's fast kernel
+    h, cache = run(tokens, positions, init_cache(cfg, B, cache_len, compute_dtype), prefill=prefill)  # (B, P, D)
     tok = pick(unembed(params, h[jnp.arange(B), lengths - 1], cfg), jax.random.fold_in(key, 0))  # (B,)
     out = jnp.full((B, cache_len - P), -1, jnp.int32).at[:, 0].set(tok)
 

@@ -187,6 +187,11 @@ def activation_mesh(mesh: AnyMesh | None) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
+def current_mesh() -> AnyMesh | None:
+    """The activation mesh being traced under, if any (kernels that must run in shard_map need it)."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x: jax.Array, axes: tuple[str, ...], rules: Mapping[str, Rule] = ACTIVATION_RULES) -> jax.Array:
     """Pin activation `x` to the layout its logical axes give under the current activation mesh
     (`rules=PARAM_RULES`: a parameter-shaped value, such as a gradient accumulated in a loop).

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from anychip.config import Config
+from anychip.config import Config, replace
 from anychip.data.dataset import TokenDataset
 from anychip.data.prepare import builtin_corpus
-from anychip.data.tokenizer import load_tokenizer, tokenizer_hash
+from anychip.data.tokenizer import eot_id, load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
 
 
@@ -40,3 +40,10 @@ def open_datasets(cfg: Config, data_dir: Path) -> tuple[TokenDataset, TokenDatas
             "smaller vocabulary"
         )
     return train_ds, val_ds
+
+
+def with_eot_id(cfg: Config, train_ds: TokenDataset) -> Config:
+    """`train.document_mask` without an eot_id: the data's tokenizer's end-of-text token (documents end there)."""
+    if not cfg.train.document_mask or cfg.train.eot_id is not None:
+        return cfg
+    return replace(cfg, train={"eot_id": eot_id(load_tokenizer(train_ds.tokenizer_path))})

@@ -27,7 +27,7 @@ from anychip.parallel import mesh as sharding
 from anychip.parallel.distributed import enable_compile_cache, initialize_distributed, is_main_process
 from anychip.train import memory
 from anychip.train.checkpoint import Checkpointer, CheckpointSaveError, checkpoint_meta, tokenizer_json
-from anychip.train.data import data_dir_for, open_datasets
+from anychip.train.data import data_dir_for, open_datasets, with_eot_id
 from anychip.train.evaluate import EvalResult, Evaluator
 from anychip.train.guard import NonFiniteGuard
 from anychip.train.metrics import Discard, MetricsWriter, StepLogger
@@ -170,6 +170,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: Sequence[C
     with run.locked(log) if is_main_process() else contextlib.nullcontext():
         data_dir = data_dir_for(cfg, log)
         train_ds, val_ds = open_datasets(cfg, data_dir)
+        cfg = with_eot_id(cfg, train_ds)
         trainer = build_trainer(cfg)
         check_init_tokenizer(cfg, train_ds)
         ckpt = run.checkpointer(cfg.checkpoint, log)

@@ -22,7 +22,7 @@ from anychip.config import Config
 from anychip.config import replace as replace_config
 from anychip.cost import calibration, hardware, step_model
 from anychip.errors import UserError
-from anychip.model.attention import resolve as resolve_attention
+from anychip.model.attention import kernel_for
 from anychip.parallel.mesh import mesh_shape
 
 GiB = 2**30
@@ -40,19 +40,21 @@ def device_memory() -> tuple[float | None, str]:
     return None, f"{device.device_kind} reports no memory limit and has no memory size in the catalog"
 
 
-def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step_model.Layout, bool]:
+def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step_model.Layout, str]:
     t, c = cfg.train, cfg.compute
-    job = step_model.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if c.dtype == "float32" else 2, c.loss_chunk)
+    job = step_model.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if c.dtype == "float32" else 2, c.loss_chunk,
+                         c.attention_block)
     remat = "dots" if c.remat == "dots_no_batch" else c.remat  # the planner models none / dots / full
     layout = step_model.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
-    flash = resolve_attention(c.attention) == "cudnn" and c.dtype != "float32"
-    return job, layout, flash
+    kernel = kernel_for(c.attention, c.dtype)
+    attention = kernel if kernel in ("xla", "blockwise") else "flash"  # cuDNN and splash: tiles on chip
+    return job, layout, attention
 
 
 def estimate(cfg: Config, mesh: dict[str, int]) -> dict[str, float]:
     """Predicted peak bytes per device by part: params, grads, optimizer, activations (and transients)."""
-    job, layout, flash = _job_layout(cfg, mesh)
-    parts = step_model.memory_per_chip(job, layout, flash)
+    job, layout, attention = _job_layout(cfg, mesh)
+    parts = step_model.memory_per_chip(job, layout, attention)
     p = step_model.local_params(cfg.model, layout.fsdp, layout.tensor)
     return {
         "params": 4 * p, "grads": (8 if layout.grad_accum > 1 else 4) * p, "optimizer": 8 * p,
@@ -98,13 +100,13 @@ def check_fits(peak: float | None, log: Callable[[str], None]) -> None:
 
 def _candidates(cfg: Config, mesh: dict[str, int], budget: float) -> list[step_model.Layout]:
     """For each remat policy, the fewest microbatches (largest microbatch) that fits `budget`."""
-    job, base, flash = _job_layout(cfg, mesh)
+    job, base, attention = _job_layout(cfg, mesh)
     rows = cfg.train.batch_size // (mesh["data"] * mesh["fsdp"])  # sequences per batch shard
     fits = []
     for remat in step_model.REMATS:
         for accum in (d for d in range(1, rows + 1) if rows % d == 0):
             layout = replace(base, remat=remat, grad_accum=accum)
-            if step_model.memory_per_chip(job, layout, flash)["total"] <= budget:
+            if step_model.memory_per_chip(job, layout, attention)["total"] <= budget:
                 fits.append(layout)
                 break  # more microbatches than needed only add passes over the weights
     return fits

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from anychip.config import Config
-from anychip.model.attention import resolve as resolve_attention
+from anychip.model.attention import kernel_for
 from anychip.model.decoder import forward, hidden_states, unembedding
 from anychip.model.loss import chunked_cross_entropy, cross_entropy
 from anychip.model.params import init_params, is_norm, param_axes, param_shapes
@@ -47,13 +47,13 @@ class Trainer(NamedTuple):
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """The decoder's compute settings for this config: dtype, remat policy, resolved attention kernel."""
-    compute_dtype = DTYPES[cfg.compute.dtype]
-    impl = resolve_attention(cfg.compute.attention)
-    if impl == "cudnn" and compute_dtype == jnp.float32:
-        impl = "xla"  # cuDNN flash attention takes bf16/fp16 only
-    return {"compute_dtype": compute_dtype, "remat": cfg.compute.remat, "attention_impl": impl,
-            "unroll": cfg.compute.unroll_layers}
+    """The decoder's compute settings for this config: dtype, remat policy, attention kernel, documents."""
+    compute_dtype, c = DTYPES[cfg.compute.dtype], cfg.compute
+    # train() sets eot_id from the tokenizer first; callers that only lower the step (check, bench) have no
+    # data, and any id gives the same program.
+    eot_id = (cfg.train.eot_id or 0) if cfg.train.document_mask else None
+    return {"compute_dtype": compute_dtype, "remat": c.remat, "attention_impl": kernel_for(c.attention, compute_dtype),
+            "attention_block": c.attention_block, "eot_id": eot_id, "unroll": c.unroll_layers}
 
 
 def loss_fn(params: Any, tokens: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
