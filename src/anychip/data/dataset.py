@@ -3,8 +3,8 @@
 A prepared data dir holds
     tokenizer.json
     manifest.json            format version, dtype, vocab, tokenizer hash, per split its shards + sha256
-    train_00000.bin, ...     flat little-endian uint16 token ids (uint32 if the vocab needs it): each
-    val_00000.bin, ...       document followed by EOT; a document never spans two shards
+    train_00000_00000.bin .. flat little-endian uint16 token ids (uint32 if the vocab needs it): each
+    val_00000_00000.bin ...  document followed by EOT; a document never spans two shards
 
 Batches: each shard is cut into non-overlapping windows of seq_len+1 tokens at stride seq_len (the
 extra token is the target of the last position); windows never cross a shard boundary. Global
