@@ -61,7 +61,8 @@ def _remote_fs(name: str) -> Any:
     if protocol == "s3":
         # botocore reads AWS_ENDPOINT_URL itself; the short timeouts make a wrong endpoint one error line.
         config = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": 60, "retries": {"max_attempts": 3}}
-        return fsspec.filesystem("s3", config_kwargs=config, skip_instance_cache=True)
+        # No listings cache: other processes (Ray workers, other hosts) write the same prefixes.
+        return fsspec.filesystem("s3", config_kwargs=config, skip_instance_cache=True, use_listings_cache=False)
     return fsspec.filesystem(protocol)
 
 
@@ -114,9 +115,12 @@ def check_reachable(path: str | Path) -> None:
         return
     fs, inner = filesystem(path)
     bucket = inner.split("/", 1)[0]
-    exists = _checked(path, fs.exists, bucket)
-    if not exists:
-        raise UserError(f"{path}: bucket {bucket} does not exist or is not visible with these credentials")
+    try:
+        fs.ls(bucket, detail=False)  # `exists` would turn credential and connection errors into False
+    except FileNotFoundError:
+        raise UserError(f"{path}: bucket {bucket} does not exist or is not visible with these credentials") from None
+    except Exception as e:  # noqa: BLE001 (botocore, aiohttp and gcsfs raise many unrelated types)
+        raise UserError(describe_error(path, e)) from None
 
 
 def exists(path: str | Path) -> bool:

@@ -8,6 +8,7 @@ document per file. `.gz` and `.zst` files are decompressed as they stream (`x.js
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from collections import Counter
@@ -62,6 +63,7 @@ def _expand_remote(spec: str) -> list[str]:
         found = [inner]
     else:
         found = sorted(storage._checked(spec, fs.find, inner))
+    found.sort(key=lambda f: _walk_order(f[len(inner):]))
     names = {f.rsplit("/", 1)[-1] for f in found}
     hf_folder = "state.json" in names and "dataset_info.json" in names
     kept = [f for f in found
@@ -69,6 +71,13 @@ def _expand_remote(spec: str) -> list[str]:
             and f.rsplit("/", 1)[-1] not in HF_METADATA and (not hf_folder or f.endswith(".arrow"))]
     require(bool(kept), f"input not found: {spec}")
     return [storage.as_url(f, spec) for f in kept]
+
+
+def _walk_order(relative: str) -> tuple[tuple[int, str], ...]:
+    """The order `_walk` gives: in each folder its files by name, then its subfolders by name (so a
+    corpus lists the same way locally and in a bucket, and prepares into the same bytes)."""
+    parts = relative.strip("/").split("/")
+    return (*((1, d) for d in parts[:-1]), (0, parts[-1]))
 
 
 def find_files(inputs: list[str]) -> list[str]:
@@ -108,7 +117,8 @@ def open_input(path: str) -> IO[bytes]:
         except ImportError:
             raw.close()
             raise UserError(f"{path}: .zst inputs need zstandard: pip install zstandard") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)  # type: ignore[return-value]
+        # Buffered: the bare stream reader cannot iterate lines.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore[arg-type]
     return raw
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from anychip import storage
 from anychip.config import Config
 from anychip.data.dataset import TokenDataset
 from anychip.data.prepare import builtin_corpus
@@ -13,14 +14,15 @@ from anychip.data.tokenizer import load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
 
 
-def data_dir_for(cfg: Config, log: Callable[[str], None] = print) -> Path:
-    """`data.path`, or the built-in corpus prepared once into `data.cache_dir`."""
+def data_dir_for(cfg: Config, log: Callable[[str], None] = print) -> str | Path:
+    """`data.path` (a local path or URL), or the built-in corpus prepared once into `data.cache_dir`."""
     if cfg.data.path is not None:
-        return Path(cfg.data.path)
+        storage.check_reachable(cfg.data.path)
+        return cfg.data.path if storage.is_remote(cfg.data.path) else Path(cfg.data.path)
     return builtin_corpus(cfg.data.cache_dir, vocab_size=min(cfg.model.vocab_size, 8192), log=log)
 
 
-def open_datasets(cfg: Config, data_dir: Path) -> tuple[TokenDataset, TokenDataset]:
+def open_datasets(cfg: Config, data_dir: str | Path) -> tuple[TokenDataset, TokenDataset]:
     """The train and val splits; the model's vocabulary must hold every token id of the tokenizer.
 
     The vocabulary is the tokenizer's own, checked against the manifest's tokenizer hash, never the
