@@ -3,11 +3,17 @@ s3fs/botocore and tensorstore take AWS_ENDPOINT_URL; subprocesses and local Ray 
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
+import shutil
+import sysconfig
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import zstandard
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -50,3 +56,17 @@ def upload(local: Path, url: str) -> None:
 
     fs, inner = storage.filesystem(url)
     fs.put(str(local) + "/", inner + "/", recursive=True)
+
+
+def write_corpus(root: Path) -> Path:
+    """Every input kind a bucket may hold: plain files in folders, .jsonl.gz, .jsonl.zst."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    src = root / "corpus"
+    shutil.copytree(stdlib / "json", src / "json", ignore=shutil.ignore_patterns("__pycache__", "tests"))
+    for name in ("textwrap.py", "string.py", "dataclasses.py"):
+        shutil.copy(stdlib / name, src / name)
+    lines = "".join(json.dumps({"text": (stdlib / n).read_text()}) + "\n" for n in ("shlex.py", "glob.py"))
+    (src / "docs.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    lines = "".join(json.dumps({"text": (stdlib / n).read_text()}) + "\n" for n in ("fnmatch.py", "bisect.py"))
+    (src / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    return src

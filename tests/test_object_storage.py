@@ -2,18 +2,13 @@
 with s3fs as the client: the same bytes and batches as locally, a run trained, checkpointed and resumed
 entirely from the store, and bad URLs refused in one line."""
 
-import gzip
 import json
-import shutil
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
-import zstandard
-from s3_server import make_bucket, moto_s3, upload
+from s3_server import make_bucket, moto_s3, upload, write_corpus
 
 from anychip import storage
 from anychip.config import load_config
@@ -33,20 +28,6 @@ def s3():
     with moto_s3() as endpoint:
         yield endpoint
     storage._remote_fs.cache_clear()
-
-
-def write_corpus(root: Path) -> Path:
-    """Every input kind a bucket may hold: plain files in folders, .jsonl.gz, .jsonl.zst."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    src = root / "corpus"
-    shutil.copytree(stdlib / "json", src / "json", ignore=shutil.ignore_patterns("__pycache__", "tests"))
-    for name in ("textwrap.py", "string.py", "dataclasses.py"):
-        shutil.copy(stdlib / name, src / name)
-    lines = "".join(json.dumps({"text": (stdlib / n).read_text()}) + "\n" for n in ("shlex.py", "glob.py"))
-    (src / "docs.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
-    lines = "".join(json.dumps({"text": (stdlib / n).read_text()}) + "\n" for n in ("fnmatch.py", "bisect.py"))
-    (src / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
-    return src
 
 
 def data_files(folder: str) -> dict[str, bytes]:

@@ -124,14 +124,20 @@ class DataConfig:
     """Where the training tokens come from."""
 
     path: str | None = None
-    """A data dir made by `anychip data prepare`; null = the built-in corpus (this Python's standard library)."""
+    """A data dir made by `anychip data prepare` (a path or s3:// gs:// URL); null = the built-in corpus."""
     cache_dir: str = "~/.cache/anychip"
     """Where the built-in corpus is prepared once."""
     verify_checksums: bool = True
-    """Check every shard's SHA-256 against the manifest when training starts."""
+    """Check every shard's SHA-256 against the manifest when training starts (reads remote shards once)."""
+    mixture: str | None = None
+    """A weighted mixture of data dirs instead of data.path: YAML list of {path, weight}, inline or a file."""
+    stream_cache_mb: int = 1024
+    """Memory for shards read from object storage (block cache with read-ahead), per split."""
 
     def __post_init__(self) -> None:
         require(self.path is None or self.path != "", "data.path must be a directory or null")
+        require(self.path is None or self.mixture is None, "set data.path or data.mixture, not both")
+        require(self.stream_cache_mb > 0, f"data.stream_cache_mb must be positive, got {self.stream_cache_mb}")
 
 
 @dataclass(frozen=True)

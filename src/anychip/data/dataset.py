@@ -148,7 +148,7 @@ class TokenDataset:
                      f"{self.tokenizer_path} is not the tokenizer the data was prepared with; "
                      "re-run anychip data prepare")
         self._window_ends: dict[int, np.ndarray] = {}
-        self._permutations: dict[tuple[int, int, int], np.ndarray] = {}
+        self._permutations: dict[tuple[int, ...], np.ndarray] = {}
 
     @property
     def n_tokens(self) -> int:
@@ -185,13 +185,14 @@ class TokenDataset:
             rows[row] = self.shards[shard][start:start + seq_len + 1]
         return rows
 
-    def _permutation(self, seed: int, epoch: int, n_windows: int) -> np.ndarray:
-        # A batch needs at most the current and the next epoch (unless batch_size > W): keep two.
-        key = (seed, epoch, n_windows)
+    def _permutation(self, rng_key: tuple[int, ...], n_windows: int) -> np.ndarray:
+        # A batch needs at most the current and the next epoch (unless batch_size > W), and read-ahead
+        # the one after: keep four (a mixture's components each keep their own).
+        key = (*rng_key, n_windows)
         if key not in self._permutations:
-            if len(self._permutations) >= 2:
+            if len(self._permutations) >= 4:
                 self._permutations.pop(next(iter(self._permutations)))
-            self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(n_windows)
+            self._permutations[key] = np.random.default_rng(list(rng_key)).permutation(n_windows)
         return self._permutations[key]
 
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int, process_index: int = 0,
@@ -199,23 +200,31 @@ class TokenDataset:
         """(batch_size // process_count, seq_len + 1) int32: this process's rows of the global batch of `step`."""
         require(step >= 0 and seed >= 0, f"step and seed must be >= 0, got step={step} seed={seed}")
         lo, hi = _process_rows(batch_size, process_index, process_count)
-        if isinstance(self.shards[0], RemoteShard):  # read-ahead: the next step's blocks while this one trains
-            ahead, _ = self._windows(step + 1, batch_size, seq_len, seed, lo, hi)
-            for shard, start in zip(*self._locate(ahead, seq_len)):
-                self.shards[shard].prefetch(slice(start, start + seq_len + 1))
-        return self._read(self._windows(step, batch_size, seq_len, seed, lo, hi)[0], seq_len)
+        # Read-ahead (object storage): the next step's blocks are fetched while this step trains.
+        self.prefetch((step + 1) * batch_size + np.arange(lo, hi, dtype=np.int64), seq_len, seed)
+        return self.rows(step * batch_size + np.arange(lo, hi, dtype=np.int64), seq_len, seed)
 
-    def _windows(self, step: int, batch_size: int, seq_len: int, seed: int, lo: int, hi: int
-                 ) -> tuple[np.ndarray, int]:
-        """(the global windows of rows [lo, hi) of step's batch, the number of windows)."""
+    def rows(self, samples: np.ndarray, seq_len: int, seed: int, stream: int | None = None) -> np.ndarray:
+        """(len(samples), seq_len + 1) int32: the windows of global sample ids `samples`. `stream` names
+        an independent order of the same windows (a mixture's component)."""
+        return self._read(self._windows(samples, seq_len, seed, stream), seq_len)
+
+    def prefetch(self, samples: np.ndarray, seq_len: int, seed: int, stream: int | None = None) -> None:
+        """Start fetching what `rows` will read (shards in object storage; a no-op for local files)."""
+        if isinstance(self.shards[0], RemoteShard):
+            for shard, start in zip(*self._locate(self._windows(samples, seq_len, seed, stream), seq_len)):
+                self.shards[shard].prefetch(slice(start, start + seq_len + 1))
+
+    def _windows(self, samples: np.ndarray, seq_len: int, seed: int, stream: int | None) -> np.ndarray:
+        """The global windows of global sample ids `samples`: sample g reads perm_e[g % W], e = g // W."""
         n_windows = self._require_windows(seq_len)
-        samples = step * batch_size + np.arange(lo, hi, dtype=np.int64)  # global sample ids of our rows
         epochs, positions = np.divmod(samples, n_windows)
         windows = np.empty_like(samples)
         for epoch in np.unique(epochs):
             here = epochs == epoch
-            windows[here] = self._permutation(seed, int(epoch), n_windows)[positions[here]]
-        return windows, n_windows
+            key = [seed, int(epoch)] if stream is None else [seed, int(epoch), stream]
+            windows[here] = self._permutation(tuple(key), n_windows)[positions[here]]
+        return windows
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None, process_index: int = 0,
                      process_count: int = 1) -> Iterator[np.ndarray]:

@@ -20,6 +20,7 @@ import jax
 from anychip.config import Config
 from anychip.cost import hardware
 from anychip.data.dataset import TokenDataset
+from anychip.data.mixture import MixtureDataset
 from anychip.data.tokenizer import load_tokenizer, token_byte_lengths
 from anychip.files import read_text
 from anychip.model.params import param_table
@@ -193,6 +194,9 @@ def _train(cfg: Config, log: Callable[[str], None], callbacks: Sequence[Callback
             meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], train_ds.manifest_sha256)
             loop = Loop(trainer, run, ckpt, (train_ds, val_ds), meta, int(state.step), log, callbacks)
             state, initial, final = loop.train(state)
+            if isinstance(train_ds, MixtureDataset):
+                shares = train_ds.realized(int(state.step), cfg.train.batch_size, cfg.train.seed)
+                log("mixture realized: " + ", ".join(f"{p} {share:.3f}" for p, share in shares.items()))
         finally:
             ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
     logger = loop.logger
