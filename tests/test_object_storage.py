@@ -155,3 +155,17 @@ def test_cli_unreachable_endpoint_and_missing_credentials_exit_2(s3, tmp_path):
                             "--out", "s3://data/x"], check=False, capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_hugging_face_save_to_disk_folder_in_a_bucket(s3, tmp_path):
+    """A `datasets.save_to_disk` folder (arrow stream files + state.json + dataset_info.json) and a bare
+    .parquet file: only the rows' text is read, the same documents from the bucket as locally."""
+    datasets = pytest.importorskip("datasets")
+    texts = [f"document number {i}: " + "word " * (i % 7 + 1) for i in range(40)]
+    datasets.Dataset.from_dict({"text": texts, "id": list(range(40))}).save_to_disk(str(tmp_path / "hf"))
+    bucket = make_bucket("hfdata")
+    upload(tmp_path / "hf", f"{bucket}/hf")
+    remote = prepare([f"{bucket}/hf"], tmp_path / "from_s3", vocab_size=300, log=lambda _: None)
+    local = prepare([str(tmp_path / "hf")], tmp_path / "local", vocab_size=300, log=lambda _: None)
+    assert remote == local
+    assert remote["sources"] == {"files": 1, "documents": 40, "skipped": {}}  # the arrow file only
