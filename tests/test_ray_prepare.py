@@ -85,18 +85,20 @@ def test_a_killed_ray_preparation_resumes_where_it_stopped(cluster, tmp_path, mo
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = {n: storage.filesystem(out)[0].info(f"raykill/out/.prepare/{n}")["LastModified"]
-            for n in storage.listdir(records) if n.startswith("tokenize_")}
+    fs = storage.filesystem(out)[0]
+    done = {}  # a finished task's shards -> when the killed run uploaded them
+    for name in storage.listdir(records):
+        if name.startswith("tokenize_"):
+            record = json.loads(storage.read_text(storage.join(records, name)))
+            for split in record["splits"].values():
+                done.update({s["file"]: fs.info(f"raykill/out/{s['file']}")["LastModified"] for s in split["shards"]})
     assert not storage.exists(storage.join(out, "manifest.json")) and len(done) < 12
     resumed = preparing.prepare([f"{bucket}/corpus"], out, engine="ray", **SETTINGS)
     fresh = preparing.prepare([str(corpus)], tmp_path / "fresh", engine="local", **SETTINGS)
     assert resumed == fresh
     assert files_of(out) == files_of(str(tmp_path / "fresh"))
-    # The finished tasks were skipped: their records were not written again (they are gone now, with
-    # .prepare/, so compare the shards' upload times instead).
-    fs = storage.filesystem(out)[0]
-    for name, recorded in done.items():
-        index = name.removeprefix("tokenize_").removesuffix(".json")
-        shard = f"raykill/out/train_{index}_00000.bin"
-        assert fs.info(shard)["LastModified"] <= recorded
+    # The finished tasks were skipped: their shards were not uploaded again.
+    assert done
+    for shard, uploaded in done.items():
+        assert fs.info(f"raykill/out/{shard}")["LastModified"] == uploaded
     assert json.loads(storage.read_text(storage.join(out, "manifest.json")))["sources"]["files"] == 12

@@ -169,9 +169,9 @@ def _cached(fn: Callable[[Job], dict[str, Any]]) -> Callable[[Job], dict[str, An
         path = _record_path(job["root"], fn.__name__.strip("_"), job["index"])
         if storage.exists(path):
             return json.loads(storage.read_text(path))
-        record = fn(job)
-        storage.write_text(path, json.dumps(record, sort_keys=True))
-        return record
+        text = json.dumps(fn(job), sort_keys=True)
+        storage.write_text(path, text)
+        return json.loads(text)  # as a resumed run reads it back: the manifest's key order is the same
     task.__name__ = task.__qualname__ = fn.__name__ + "_task"
     return task
 
