@@ -527,6 +527,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any) -> Any:
                 sub_base = _model_preset(value.pop("preset"))
             require(isinstance(value, dict), f"{key}: expected a mapping of settings")
             values[name] = _build(annotation, value, key + ".", sub_base)
+        elif key == "data.mixture" and isinstance(value, list):  # kept as YAML text: data/mixture.py checks it
+            values[name] = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
         else:
             values[name] = _coerce(value, annotation, key)
     return cls(**values)
