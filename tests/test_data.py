@@ -342,20 +342,22 @@ def test_eval_batches_on_a_split_smaller_than_a_batch(prepared):
 
 def test_corrupted_shard_fails_checksum(prepared, tmp_path):
     copy = Path(shutil.copytree(prepared, tmp_path / "copy"))
-    shard = copy / "train_00001.bin"
+    name = json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][1]["file"]
+    shard = copy / name
     raw = bytearray(shard.read_bytes())
     raw[10] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match=r"checksum mismatch in .*train_00001\.bin"):
+    with pytest.raises(UserError, match=rf"checksum mismatch in .*{name}"):
         TokenDataset(copy)
     TokenDataset(copy, verify=False)  # the size still matches: only the checksum can tell
 
 
 def test_truncated_shard_fails(prepared, tmp_path):
     copy = Path(shutil.copytree(prepared, tmp_path / "copy"))
-    shard = copy / "val_00000.bin"
+    name = json.loads((copy / "manifest.json").read_text())["splits"]["val"]["shards"][0]["file"]
+    shard = copy / name
     shard.write_bytes(shard.read_bytes()[:-2])
-    with pytest.raises(UserError, match=r"val_00000\.bin has .* bytes .* truncated"):
+    with pytest.raises(UserError, match=rf"{name} has .* bytes .* truncated"):
         TokenDataset(copy, "val", verify=False)
 
 

@@ -111,7 +111,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, text_field=args.text_field,
-                       parquet_column=args.parquet_column)
+                       parquet_column=args.parquet_column, engine=args.engine, ray_address=args.ray_address)
     splits = manifest["splits"]
     print(f"wrote {args.out}: " + ", ".join(
         f"{name} {s['tokens']:,} tokens / {s['documents']:,} documents" for name, s in splits.items()))
@@ -285,13 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare corpora").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="tokenize files/folders/globs into token shards")
-    p.add_argument("inputs", nargs="+", help="files, folders or globs (.txt .md .py .jsonl .parquet ...)")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("inputs", nargs="+", help="files, folders, globs or s3:// gs:// URLs (.txt .jsonl .parquet "
+                   ".arrow, HF save_to_disk folders; .gz .zst)")
+    p.add_argument("--out", required=True, help="output directory or URL (must not exist or be empty)")
     p.add_argument("--vocab-size", type=count(257), default=8192, help="vocabulary of the BPE tokenizer to train")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     p.add_argument("--val-fraction", type=number(0, 0.999), default=0.01, help="share of documents held out")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
-    p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet files")
+    p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet/.arrow files")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="run the tasks here, or on Ray (a re-run resumes: finished tasks are skipped)")
+    p.add_argument("--ray-address", help="a Ray cluster to join (default: start one on this machine)")
     p.set_defaults(handler=cmd_data_prepare)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a run")

@@ -124,14 +124,20 @@ class DataConfig:
     """Where the training tokens come from."""
 
     path: str | None = None
-    """A data dir made by `anychip data prepare`; null = the built-in corpus (this Python's standard library)."""
+    """A data dir made by `anychip data prepare` (a path or s3:// gs:// URL); null = the built-in corpus."""
     cache_dir: str = "~/.cache/anychip"
     """Where the built-in corpus is prepared once."""
     verify_checksums: bool = True
-    """Check every shard's SHA-256 against the manifest when training starts."""
+    """Check every shard's SHA-256 against the manifest when training starts (reads remote shards once)."""
+    mixture: str | None = None
+    """A weighted mixture of data dirs instead of data.path: YAML list of {path, weight}, inline or a file."""
+    stream_cache_mb: int = 1024
+    """Memory for shards read from object storage (block cache with read-ahead), per split."""
 
     def __post_init__(self) -> None:
         require(self.path is None or self.path != "", "data.path must be a directory or null")
+        require(self.path is None or self.mixture is None, "set data.path or data.mixture, not both")
+        require(self.stream_cache_mb > 0, f"data.stream_cache_mb must be positive, got {self.stream_cache_mb}")
 
 
 @dataclass(frozen=True)
@@ -535,6 +541,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any) -> Any:
                 sub_base = _model_preset(value.pop("preset"))
             require(isinstance(value, dict), f"{key}: expected a mapping of settings")
             values[name] = _build(annotation, value, key + ".", sub_base)
+        elif key == "data.mixture" and isinstance(value, list):  # kept as YAML text: data/mixture.py checks it
+            values[name] = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
         else:
             values[name] = _coerce(value, annotation, key)
     return cls(**values)

@@ -5,29 +5,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from anychip import storage
 from anychip.config import Config, replace
 from anychip.data.dataset import TokenDataset
+from anychip.data.mixture import MixtureDataset, parse_mixture
 from anychip.data.prepare import builtin_corpus
 from anychip.data.tokenizer import eot_id, load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
 
 
-def data_dir_for(cfg: Config, log: Callable[[str], None] = print) -> Path:
-    """`data.path`, or the built-in corpus prepared once into `data.cache_dir`."""
+def data_dir_for(cfg: Config, log: Callable[[str], None] = print) -> str | Path:
+    """`data.path` (a local path or URL), or the built-in corpus prepared once into `data.cache_dir`."""
+    if cfg.data.mixture is not None:
+        return cfg.data.mixture
     if cfg.data.path is not None:
-        return Path(cfg.data.path)
+        storage.check_reachable(cfg.data.path)
+        return cfg.data.path if storage.is_remote(cfg.data.path) else Path(cfg.data.path)
     return builtin_corpus(cfg.data.cache_dir, vocab_size=min(cfg.model.vocab_size, 8192), log=log)
 
 
-def open_datasets(cfg: Config, data_dir: Path) -> tuple[TokenDataset, TokenDataset]:
-    """The train and val splits; the model's vocabulary must hold every token id of the tokenizer.
+def open_datasets(cfg: Config, data_dir: str | Path) -> tuple[Any, Any]:
+    """The train and val splits (TokenDataset, or MixtureDataset with data.mixture); the model's vocabulary must hold every token id of the tokenizer.
 
     The vocabulary is the tokenizer's own, checked against the manifest's tokenizer hash, never the
     manifest's vocab_size (a text field anyone can edit): a too-small embedding table would turn the
     ids beyond it into NaN losses."""
-    train_ds = TokenDataset(data_dir, "train", verify=cfg.data.verify_checksums)
-    val_ds = TokenDataset(data_dir, "val", verify=cfg.data.verify_checksums)
+    cache, verify = cfg.data.stream_cache_mb << 20, cfg.data.verify_checksums
+    if cfg.data.mixture is not None:
+        entries = parse_mixture(cfg.data.mixture)
+        for entry in entries:
+            storage.check_reachable(entry["path"])
+        train_ds: Any = MixtureDataset(entries, "train", verify, cache)
+        val_ds: Any = MixtureDataset(entries, "val", verify, cache)
+    else:
+        train_ds, val_ds = TokenDataset(data_dir, "train", verify, cache), TokenDataset(data_dir, "val", verify, cache)
     tokenizer = load_tokenizer(train_ds.tokenizer_path)
     if tokenizer_hash(tokenizer) != train_ds.manifest["tokenizer_sha256"]:
         raise UserError(f"{train_ds.tokenizer_path} is not the tokenizer {data_dir} was prepared with "

@@ -19,7 +19,8 @@ import jax
 
 from anychip.config import Config
 from anychip.cost import hardware
-from anychip.data.dataset import TokenDataset, sha256_file
+from anychip.data.dataset import TokenDataset
+from anychip.data.mixture import MixtureDataset
 from anychip.data.tokenizer import load_tokenizer, token_byte_lengths
 from anychip.files import read_text
 from anychip.model.params import param_table
@@ -32,6 +33,7 @@ from anychip.train.evaluate import EvalResult, Evaluator
 from anychip.train.guard import NonFiniteGuard
 from anychip.train.metrics import Discard, MetricsWriter, StepLogger
 from anychip.train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
+from anychip.train.remote_run import remote_run
 from anychip.train.resume import check_init_tokenizer, check_same_data, new_special_tokens, start_state
 from anychip.train.run_dir import RunDir
 from anychip.train.step import Trainer, TrainState, build_trainer
@@ -164,6 +166,11 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: Sequence[C
     """Run (or resume) training as configured. Raises Preempted after SIGTERM/SIGINT, UserError (one line)
     for bad input, a busy run directory or a storage fault."""
     cfg, log = start_up(cfg, log)
+    with remote_run(cfg, log) as (cfg, uploads):  # run_dir in object storage: a mirrored working copy
+        return _train(cfg, log, [*callbacks, *uploads])
+
+
+def _train(cfg: Config, log: Callable[[str], None], callbacks: Sequence[Callback]) -> TrainResult:
     run = RunDir(cfg.run_dir)
     # One trainer per run dir, taken first (a second one is refused at once) and held before the
     # checkpointer opens: opening deletes unfinished saves.
@@ -182,12 +189,15 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: Sequence[C
             if is_main_process():  # one writer per run; the other processes only read
                 if resumed is None:
                     run.set_aside_history(log)
-                run.write_files(cfg, read_text(train_ds.tokenizer_path), read_text(data_dir / "manifest.json"),
+                run.write_files(cfg, read_text(train_ds.tokenizer_path), train_ds.manifest_text,
                                 special_tokens=new_special_tokens(cfg, run, train_ds))
                 run.truncate_metrics(None if resumed is None else resumed.get("metrics_bytes"), log)
-            meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], sha256_file(data_dir / "manifest.json"))
+            meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], train_ds.manifest_sha256)
             loop = Loop(trainer, run, ckpt, (train_ds, val_ds), meta, int(state.step), log, callbacks)
             state, initial, final = loop.train(state)
+            if isinstance(train_ds, MixtureDataset):
+                shares = train_ds.realized(int(state.step), cfg.train.batch_size, cfg.train.seed)
+                log("mixture realized: " + ", ".join(f"{p} {share:.3f}" for p, share in shares.items()))
         finally:
             ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
     logger = loop.logger

@@ -11,7 +11,7 @@ import jax
 
 from anychip.config import Config, to_dict
 from anychip.data.chat import SpecialTokens
-from anychip.data.dataset import TokenDataset, sha256_file
+from anychip.data.dataset import TokenDataset
 from anychip.data.tokenizer import load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
 from anychip.model.params import param_shapes
@@ -69,13 +69,13 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return ", ".join(c for c in changes if c)
 
 
-def check_same_data(meta: dict[str, Any], data_dir: Path, train_ds: TokenDataset,
+def check_same_data(meta: dict[str, Any], data_dir: str | Path, train_ds: TokenDataset,
                     log: Callable[[str], None]) -> None:
     """A resumed run must read the same tokens: a new tokenizer is an error, new data a warning."""
     if meta.get("tokenizer_sha256") not in (None, train_ds.manifest["tokenizer_sha256"]):
         raise UserError(f"{data_dir} was tokenized with another tokenizer than checkpoint {meta.get('step')} "
                         "of this run_dir was trained with; use the run's data or start a new run_dir")
-    if meta.get("data_manifest_sha256") not in (None, sha256_file(data_dir / "manifest.json")):
+    if meta.get("data_manifest_sha256") not in (None, train_ds.manifest_sha256):
         log(f"warning: {data_dir} is not the data checkpoint {meta.get('step')} was trained on (manifest "
             "differs): training goes on, but the data order does not continue exactly")
 
