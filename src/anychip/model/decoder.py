@@ -117,8 +117,10 @@ def hidden_states(
     compute_dtype: Any = jnp.bfloat16,
     remat: Remat = "none",
     attention_impl: str = "xla",
+    unroll: bool = False,
 ) -> jax.Array:
-    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype."""
+    """tokens (B, T) int → final-normed hidden states (B, T, D) in compute dtype; unroll: the layers as
+    straight-line code rather than a loop (same math)."""
     # The table as used: gathered over fsdp like every FSDP weight, vocab still split over tensor, so the
     # lookup is a masked local gather + all-reduce rather than a reshuffle of the whole table.
     table = constrain(params["embed"], ("vocab", "embed"))  # (V, D)
@@ -131,7 +133,7 @@ def hidden_states(
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, params["layers"])
+    x, _ = jax.lax.scan(body, x, params["layers"], unroll=unroll)
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
@@ -196,6 +198,6 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, **kwargs: Any) -> jax.Array:
-    """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl."""
+    """tokens (B, T) → fp32 logits (B, T, V). kwargs: compute_dtype, remat, attention_impl, unroll."""
     logits = unembed(params, hidden_states(params, tokens, cfg, **kwargs), cfg)
     return constrain(logits, ("batch", "seq", "vocab"))

@@ -47,12 +47,15 @@ class Trainer(NamedTuple):
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """The decoder's compute settings for this config: dtype, remat policy, resolved attention kernel."""
-    compute_dtype = DTYPES[cfg.compute.dtype]
-    impl = resolve_attention(cfg.compute.attention)
+    """The decoder's compute settings for this config on this backend: dtype, remat policy, layer loop,
+    resolved attention kernel."""
+    c = cfg.compute.for_platform(jax.default_backend(), cfg.model.n_layers)
+    compute_dtype = DTYPES[c.dtype]
+    impl = resolve_attention(c.attention)
     if impl == "cudnn" and compute_dtype == jnp.float32:
         impl = "xla"  # cuDNN flash attention takes bf16/fp16 only
-    return {"compute_dtype": compute_dtype, "remat": cfg.compute.remat, "attention_impl": impl}
+    return {"compute_dtype": compute_dtype, "remat": c.remat, "attention_impl": impl,
+            "unroll": c.layers == "unroll"}
 
 
 def loss_fn(params: Any, tokens: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
