@@ -66,6 +66,7 @@ def main() -> None:
         for _ in range(args.repeats):
             if not args.skip_peer:
                 peers.append(run_json([sys.executable, str(HERE / "hf_peer.py"), "--model", args.model, *shape]))
+                print(f"transformers: {peers[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             rounds.append([run_variant(args, variant, Path(tmp)) for variant in variants])
             loads.append(os.getloadavg()[0])
     ours = [{**runs[0], "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
