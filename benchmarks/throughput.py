@@ -15,7 +15,9 @@ run only, so flags are compared against the same run's baseline:
 
 On a shared machine, `--repeats N` runs the peer and every variant N times, interleaved (peer, variants,
 peer, variants, ...), and reports each one's median tokens/s, the median of the per-round ratios to the
-peer, and the load average: other jobs then slow both sides alike.
+peer, and the load average: other jobs then slow both sides alike. `--cpus 0` pins every run to those
+cores (taskset): with one thread per framework, a descheduled thread stalls no barrier of the other
+threads, which otherwise slows an OpenMP framework far more than XLA's pool on an oversubscribed machine.
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def pinned(args) -> list[str]:
+    return ["taskset", "-c", args.cpus] if args.cpus else []
+
+
 def run_variant(args, variant: list[str], tmp: Path) -> dict:
     """One `anychip bench` run; its XLA flags (the --xla items) are added to this process's XLA_FLAGS."""
     flags = [v for v in variant if v.startswith("--xla")]
     overrides = [v for v in variant if not v.startswith("--xla")]
     env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()}
     record_path = tmp / "bench.json"
-    subprocess.run([sys.executable, "-m", "anychip.cli", "bench", f"model={args.model}",
+    subprocess.run([*pinned(args), sys.executable, "-m", "anychip.cli", "bench", f"model={args.model}",
                     f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", *overrides,
                     "--steps", str(args.steps), "--json", str(record_path)], check=True, env=env)
     return {**json.loads(record_path.read_text()), "variant": " ".join(variant), "xla_flags": flags}
@@ -55,6 +61,7 @@ def main() -> None:
     parser = shape_parser(__doc__)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the peer and every variant")
+    parser.add_argument("--cpus", help="taskset core list for every run, e.g. 0 (default: no pinning)")
     parser.add_argument("--variant", action="append", type=shlex.split,
                         help="quoted overrides and --xla flags for one anychip run (repeatable)")
     parser.add_argument("overrides", nargs="*", help="overrides of the single anychip run when no --variant")
@@ -65,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             if not args.skip_peer:
-                peers.append(run_json([sys.executable, str(HERE / "hf_peer.py"), "--model", args.model, *shape]))
+                peers.append(run_json([*pinned(args), sys.executable, str(HERE / "hf_peer.py"), "--model", args.model, *shape]))
                 print(f"transformers: {peers[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             rounds.append([run_variant(args, variant, Path(tmp)) for variant in variants])
             loads.append(os.getloadavg()[0])
