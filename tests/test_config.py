@@ -80,3 +80,13 @@ def test_every_setting_is_documented_and_listed():
 def test_a_moved_key_names_its_new_place():
     with pytest.raises(UserError, match=r"config key 'train.remat' is now 'compute.remat'"):
         load_config(None, ["train.remat=dots"])
+
+
+def test_auto_compute_settings_resolve_per_platform():
+    auto = Config().compute
+    cpu, tpu = auto.for_platform("cpu", n_layers=4), auto.for_platform("tpu", n_layers=4)
+    assert (cpu.dtype, cpu.layers) == ("float32", "unroll")  # no bf16 units on CPU; unrolled fuses better
+    assert (tpu.dtype, tpu.layers) == ("bfloat16", "scan")
+    assert auto.for_platform("cpu", n_layers=24).layers == "scan"  # deep models keep compile time flat
+    explicit = load_config(None, ["compute.dtype=bfloat16", "compute.layers=scan"]).compute
+    assert explicit.for_platform("cpu", n_layers=4) == explicit

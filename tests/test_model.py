@@ -181,3 +181,18 @@ def test_attention_auto_tells_rocm_from_cuda(monkeypatch, platform_version, expe
     from anychip.model.attention import resolve
 
     assert resolve("auto") == expected
+
+
+def test_unrolled_layers_compute_what_the_scan_computes(key):
+    # The same ops in the same order per layer; XLA may fuse the unrolled program differently, so fp32
+    # round-off (~1e-7 relative per op) is all that may differ.
+    params = init_params(TINY, key)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+
+    def loss(p, unroll):
+        return cross_entropy(forward(p, tokens[:, :-1], TINY, unroll=unroll, **FP32), tokens[:, 1:])[0]
+
+    (l_scan, g_scan), (l_unroll, g_unroll) = (jax.value_and_grad(loss)(params, u) for u in (False, True))
+    np.testing.assert_allclose(l_unroll, l_scan, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_unroll), jax.tree.leaves(g_scan)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -215,8 +215,9 @@ class TrainConfig:
 class ComputeConfig:
     """How the step is computed: precision, kernels, what the backward recomputes, compilation."""
 
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Matmul compute dtype (accumulation, the loss and softmax statistics stay fp32)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Matmul compute dtype (accumulation, the loss and softmax statistics stay fp32); auto: float32 on CPU
+    (without bf16 units XLA:CPU converts bf16 to fp32 around every op, which is slower), bfloat16 elsewhere."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Master weights (and AdamW state) dtype."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
@@ -226,17 +227,26 @@ class ComputeConfig:
     xla is the reference that keeps T×T scores (docs/attention.md)."""
     attention_block: int = 512
     """Query/key tile of the blockwise and splash kernels (splash: a multiple of 128)."""
+    layers: Literal["auto", "scan", "unroll"] = "auto"
+    """The decoder blocks as one `lax.scan` (compile time flat in depth) or unrolled (XLA fuses and lays out
+    across blocks; XLA's cost analysis counts a scan's body once, so FLOP counts need unroll); auto: unrolled on CPU
+    up to 8 blocks (faster there), scan otherwise."""
     loss_chunk: int = 0
     """Positions per chunk of the fused unembedding + cross-entropy, which never holds the whole batch's
     logits (model/loss.py); 0 = the reference path."""
-    unroll_layers: bool = False
-    """Compile the layers as straight-line code instead of a scan: for counting (XLA's cost analysis counts
-    a loop body once, tests/test_work_split.py); compile time grows with depth."""
     compile_cache_dir: str | None = "~/.cache/anychip/xla"
     """Persistent XLA compilation cache; null disables it."""
 
     def __post_init__(self) -> None:
         require(0 < self.attention_block < 2**20, f"compute.attention_block must be positive, got {self.attention_block}")
+
+    def for_platform(self, platform: str, n_layers: int) -> ComputeConfig:
+        """This config with `auto` dtype and layer loop resolved for `platform` ("cpu", "gpu", "tpu", ...)
+        and a model of `n_layers` blocks (docs/model-and-step.md, "CPU")."""
+        cpu = platform == "cpu"
+        dtype = ("float32" if cpu else "bfloat16") if self.dtype == "auto" else self.dtype
+        layers = ("unroll" if cpu and n_layers <= 8 else "scan") if self.layers == "auto" else self.layers
+        return dataclasses.replace(self, dtype=dtype, layers=layers)
 
 
 @dataclass(frozen=True)

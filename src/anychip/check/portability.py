@@ -271,10 +271,10 @@ def step_and_inputs(cfg: Config, n_devices: int, concrete: bool = False) -> tupl
 
 
 def for_platform(cfg: Config, platform: str) -> Config:
-    """`compute.attention=auto` resolves per target platform (cuDNN on CUDA), not per this machine."""
-    if cfg.compute.attention != "auto":
-        return cfg
-    return replace(cfg, compute={"attention": resolve_attention("auto", backend=platform)})
+    """`auto` compute settings resolve per target platform (cuDNN on CUDA, bf16 off CPU), not per this machine."""
+    c = cfg.compute.for_platform(platform, cfg.model.n_layers)
+    return replace(cfg, compute={"attention": resolve_attention(c.attention, backend=platform), "dtype": c.dtype,
+                                 "layers": c.layers})
 
 
 def check_step(cfg: Config, platform: str, n_devices: int, strict: bool = False) -> PlatformReport:

@@ -32,13 +32,19 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     means causal, T == S.
     """
     B, T, H, hd = q.shape
-    kv = k.shape[2]
-    q = q.reshape(B, T, kv, H // kv, hd)  # (B, T, KV, G, hd): query heads grouped by the kv head they share
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
-    allowed = jnp.tril(jnp.ones((T, T), dtype=bool)) if mask is None else mask[:, None, None]  # (B, 1, 1, T, S)
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    S, kv = k.shape[1], k.shape[2]
+    G = H // kv
+    # Head-major, each kv head's G query heads stacked along the rows: both products are plain batched
+    # matmuls over (B, KV) with the contraction last, which XLA:CPU's matmul library takes without the
+    # T×T transposes a (B, T, KV, G) score layout costs. Only q, k, v and the output (T·H·hd) move.
+    q = q.reshape(B, T, kv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, kv, G * T, hd)  # (B, KV, G·T, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, S, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32).reshape(B, kv, G, T, S)
+    allowed = jnp.tril(jnp.ones((T, S), dtype=bool)) if mask is None else mask[:, None, None]  # (B, 1, 1, T, S)
+    scores = jnp.where(allowed, scores / jnp.sqrt(hd).astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax statistics in fp32, then compute dtype
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, kv, G * T, S), v, preferred_element_type=jnp.float32)
+    out = out.reshape(B, kv, G, T, hd).transpose(0, 3, 1, 2, 4)  # (B, T, KV, G, hd)
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 

@@ -47,13 +47,15 @@ class Trainer(NamedTuple):
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """The decoder's compute settings for this config: dtype, remat policy, attention kernel, documents."""
-    compute_dtype, c = DTYPES[cfg.compute.dtype], cfg.compute
+    """The decoder's compute settings for this config on this backend: dtype, remat policy, layer loop,
+    attention kernel, documents."""
+    c = cfg.compute.for_platform(jax.default_backend(), cfg.model.n_layers)
+    compute_dtype = DTYPES[c.dtype]
     # train() sets eot_id from the tokenizer first; callers that only lower the step (check, bench) have no
     # data, and any id gives the same program.
     eot_id = (cfg.train.eot_id or 0) if cfg.train.document_mask else None
     return {"compute_dtype": compute_dtype, "remat": c.remat, "attention_impl": kernel_for(c.attention, compute_dtype),
-            "attention_block": c.attention_block, "eot_id": eot_id, "unroll": c.unroll_layers}
+            "attention_block": c.attention_block, "eot_id": eot_id, "unroll": c.layers == "unroll"}
 
 
 def loss_fn(params: Any, tokens: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
