@@ -20,7 +20,9 @@ from anychip.jaxenv import aot_installed
 ROOT = Path(__file__).parent.parent
 AOT = pytest.mark.skipif(not aot_installed(), reason="needs the aot extra (pip install -e '.[aot]'): libtpu and "
                                                       "the CUDA PJRT plugin are not importable")
-TINY = ["model=tiny", "model.max_seq_len=2048", "train.seq_len=2048", "train.batch_size=8",
+# The reference attention, which these checks were fitted to: with `auto` TPU runs the splash kernel, whose
+# memory the planner does not yet model for small models (an open finding, benchmarks/RESULTS.md).
+TINY = ["model=tiny", "compute.attention=xla", "model.max_seq_len=2048", "train.seq_len=2048", "train.batch_size=8",
         "compute.compile_cache_dir=null"]
 # Beyond the matrix's ±15% (benchmarks/RESULTS.md), the planner is checked here only to be within 2x for
 # tiny: at 64-wide layers XLA's small fixed buffers and TPU padding dominate, which the planner does not model.
@@ -87,7 +89,7 @@ def test_tiny_compiles_for_tpu_and_gpu(tmp_path, target):
 @AOT
 def test_tpu_out_of_memory_is_one_line_and_exit_1():
     # tiny at 256 × 2048 without remat on one 16 GB v5e chip: the T×T attention scores alone are ~25 GB.
-    r = anychip("check", *TINY[:3], "train.batch_size=256", "compute.compile_cache_dir=null", "--compile",
+    r = anychip("check", *TINY[:4], "train.batch_size=256", "compute.compile_cache_dir=null", "--compile",
                 "--target", "tpu-v5e:1")
     assert r.returncode == 1, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if "does not fit" in x]

@@ -124,6 +124,7 @@ def iter_eqns(jaxpr):
                     yield from iter_eqns(inner)
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_training_gradients_with_loss_chunk_match_the_reference_path():
     # The whole train-step gradient (every parameter, grad accumulation over 2 microbatches, z-loss)
     # through step.grads_and_loss; tolerances as in the fp32 test above.

@@ -167,6 +167,7 @@ def kill_repeatedly(args: list[str], run_dir: Path, kills: int, rng: random.Rand
     return mid_save
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_random_sigkills_during_training_and_saves(run_args, reference, tmp_path):
     run_dir = tmp_path / "run"
     mid_save = kill_repeatedly([*run_args, f"run_dir={run_dir}"], run_dir, 20, random.Random(0))
@@ -174,6 +175,7 @@ def test_random_sigkills_during_training_and_saves(run_args, reference, tmp_path
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_sigterm_and_sigint_stop_with_a_checkpoint(run_args, reference, tmp_path):
     run_dir = tmp_path / "run"
     args = [*run_args, f"run_dir={run_dir}", "checkpoint.every_steps=0"]  # only stop and final checkpoints
@@ -236,6 +238,7 @@ def check_topology_change(run_args: list[str], tmp_path: Path, train_on: tuple[i
             assert rows[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), (devices, step)
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_topology_change_8_devices_to_1_2_4(run_args, tmp_path):
     check_topology_change(run_args, tmp_path, train_on=(1,))  # 1 device reuses the cached compile
 

@@ -203,6 +203,7 @@ def test_vocabulary_extension(tmp_path, tokenizer):
         np.testing.assert_allclose(table[old_n:], np.broadcast_to(old[:old_n].mean(0), (24, 32)), atol=1e-7)
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_continued_pretraining_from_an_import_lowers_held_out_loss(tmp_path, tokenizer):
     # transformers' own init scale; a 32-token context makes the imported run's train.seq_len 32. A random
     # model knows nothing to keep, so it trains at the from-scratch rate rather than the import's 1e-4.

@@ -75,6 +75,7 @@ def test_rope_scores_depend_only_on_relative_position(key):
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_gradients_match_finite_differences():
     cfg = dataclasses.replace(TINY, n_layers=1, vocab_size=32, d_model=16, n_heads=2, n_kv_heads=1, d_ff=24,
                               qk_norm=True, tie_embeddings=False)
@@ -183,6 +184,7 @@ def test_attention_auto_tells_rocm_from_cuda(monkeypatch, platform_version, expe
     assert resolve("auto") == expected
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_unrolled_layers_compute_what_the_scan_computes(key):
     # The same ops in the same order per layer; XLA may fuse the unrolled program differently, so fp32
     # round-off (~1e-7 relative per op) is all that may differ.

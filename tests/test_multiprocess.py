@@ -76,6 +76,7 @@ def launch_two_processes(data: Path, run_dir: Path) -> list[tuple[str, str]]:
     return outputs
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(small_corpus, tmp_path):
     # Only process 1 gets SIGTERM (a scheduler reclaiming one host). Both processes must agree on one step
     # to stop at (preemption.Agreement, answered one step late so the host never waits for the device),
@@ -105,6 +106,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(
     assert saved[-1] == step, saved
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_two_processes_match_one_process(small_corpus, tmp_path):
     outputs = launch_two_processes(small_corpus, tmp_path / "mp")
     for i, (out, _) in enumerate(outputs):

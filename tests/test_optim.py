@@ -30,6 +30,7 @@ def test_warmup_then_decay_to_the_floor(schedule):
         assert lr[60] == pytest.approx(0.55, abs=1e-6)
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_norm_gains_are_not_decayed():
     cfg = dataclasses.replace(MODEL_PRESETS["tiny"], qk_norm=True)
     params = init_params(cfg, jax.random.key(0))

@@ -43,7 +43,7 @@ def test_dots_remat_keeps_the_flash_attention_forward(remat, forward_calls):
     # The CUDA train step as it lowers (no GPU needed): under the dots policies the cuDNN forward kernel
     # runs once, its outputs kept for the backward kernel; only 'full' runs it again. Running it twice
     # costs an extra attention forward per layer (8% of a 350m step's counted FLOPs at T=2048).
-    cfg = load_config(None, ["model=tiny", "compute.attention=cudnn", f"compute.remat={remat}",
+    cfg = load_config(None, ["model=tiny", "compute.attention=cudnn", "compute.dtype=bfloat16", f"compute.remat={remat}",
                              "mesh.fsdp=1"])
     text = portability.module_text(portability.export(*portability.step_and_inputs(cfg, 1, concrete=True),
                                                       "cuda"))
@@ -62,7 +62,7 @@ def test_cudnn_attention_is_reported_for_cuda_and_fails_elsewhere():
 
 
 def test_cli_exit_code_and_one_line_per_problem(tmp_path):
-    cmd = [sys.executable, "-m", "anychip.cli", "check", "model=tiny", "compute.attention=cudnn", "--platforms",
+    cmd = [sys.executable, "-m", "anychip.cli", "check", "model=tiny", "compute.attention=cudnn", "compute.dtype=bfloat16", "--platforms",
            "cpu", "--target", "neuron"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 1, r.stderr

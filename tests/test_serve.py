@@ -236,6 +236,7 @@ def test_lm_eval_local_completions_scores_equal_anychips_loglikelihoods(server, 
     assert results["results"]["toy_mc"]["acc,none"] == pytest.approx(correct / len(docs))
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_anychip_eval_tasks_runs_lm_eval_in_process_on_anychips_own_scores(chat_run, model, lm_eval_tasks, capsys):
     from anychip.cli import main
     from anychip.interop.harness import evaluate_tasks

@@ -31,6 +31,7 @@ def test_loss_falls_within_a_few_hundred_tiny_steps(small_corpus, tmp_path):
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 100, 200]
 
 
+@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_grad_accumulation_matches_the_full_batch(small_corpus, tmp_path):
     losses = {}
     for accum in (1, 4):
