@@ -8,8 +8,9 @@ check/portability.py). Per pair the scores are one (block × block) tile per hea
 running max / sum / output per query, and `jax.custom_vjp` saves the output and the fp32 log-sum-exp,
 from which the backward recomputes each tile's probabilities (FlashAttention-2, Dao 2023).
 
-Grouped-query attention keeps K and V at their KV heads: queries are grouped (KV, G) and the einsums
-broadcast K, V over G, so neither is repeated in memory. Document masking passes per-token segment ids:
+Grouped-query attention keeps K and V at their KV heads: the G query heads of a KV head are stacked
+as rows of one (G·block, hd) tile, so each tile's scores are one batched matmul over (B, KV) against the
+unrepeated K (head-major tiles: no transposes inside the loop). Document masking passes per-token segment ids:
 a query sees a key only if both have the same id (and the key is not later).
 """
 
@@ -30,20 +31,11 @@ _MASKED = -1e30  # finite: a fully masked tile must not turn the running max int
 
 @lru_cache(maxsize=64)
 def block_pairs(n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query block, key block) indices of the causal lower triangle, row by row: the tiles to visit."""
+    """(query block, key block) indices of the causal lower triangle, the tiles to visit: the diagonal
+    first, so that every query row has seen itself (a finite running max) before any other tile."""
     qi, kj = np.tril_indices(n_blocks)
-    return qi.astype(np.int32), kj.astype(np.int32)
-
-
-def _tile_mask(i, j, block: int, sb):
-    """Which (query, key) of tile (i, j) may attend: (B or 1, 1, 1, bq, bk) bool. sb: (n, B, block) | None."""
-    pos_q = i * block + jnp.arange(block)
-    pos_k = j * block + jnp.arange(block)
-    mask = (pos_q[:, None] >= pos_k[None, :])[None, None, None]  # (1, 1, 1, bq, bk)
-    if sb is not None:
-        seg_q, seg_k = _get(sb, i), _get(sb, j)  # (B, block)
-        mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])[:, None, None]
-    return mask
+    order = np.argsort(qi != kj, kind="stable")
+    return qi[order].astype(np.int32), kj[order].astype(np.int32)
 
 
 def _get(x: jax.Array, i) -> jax.Array:
@@ -58,59 +50,76 @@ def _add(x: jax.Array, i, value: jax.Array) -> jax.Array:
     return _set(x, i, _get(x, i) + value)
 
 
-def _blocks(x: jax.Array, block: int) -> jax.Array:
-    """(B, T, ...) → (T/block, B, block, ...): the block axis first, for dynamic indexing in the scan."""
-    B, T = x.shape[:2]
-    return jnp.moveaxis(x.reshape(B, T // block, block, *x.shape[2:]), 1, 0)
+def _tiles(x: jax.Array, block: int) -> jax.Array:
+    """(B, T, KV, [G,] hd) → (T/block, B, KV, [G·]block, hd): blocks first, for dynamic indexing in the scan,
+    and head-major, so that every tile's scores and products are plain batched matmuls over (B, KV)
+    (XLA:CPU transposes every tile otherwise)."""
+    B, T, KV, hd = x.shape[0], x.shape[1], x.shape[2], x.shape[-1]
+    G = x.shape[3] if x.ndim == 5 else 1
+    x = x.reshape(B, T // block, block, KV, G, hd).transpose(1, 0, 3, 4, 2, 5)
+    return x.reshape(T // block, B, KV, G * block, hd)
+
+
+def _untiles(x: jax.Array, like: jax.Array) -> jax.Array:
+    """The inverse of `_tiles`, to `like`'s shape and dtype."""
+    n, B, KV, rows, hd = x.shape
+    block = like.shape[1] // n
+    x = x.reshape(n, B, KV, rows // block, block, hd).transpose(1, 0, 4, 2, 3, 5)
+    return x.reshape(like.shape).astype(like.dtype)
+
+
+def _tile_mask(i, j, block: int, G: int, sb):
+    """Which (query, key) of tile (i, j) may attend: (B or 1, 1, G·bq, bk) bool. sb: (n, B, block) | None."""
+    pos_q = i * block + jnp.tile(jnp.arange(block), G)  # query rows are (group, position) pairs
+    pos_k = j * block + jnp.arange(block)
+    mask = (pos_q[:, None] >= pos_k[None, :])[None, None]
+    if sb is not None:
+        seg_q, seg_k = jnp.tile(_get(sb, i), (1, G)), _get(sb, j)  # (B, G·bq), (B, bk)
+        mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
+    return mask
 
 
 def _scores(q_i, k_j, scale: float, mask):
-    """q_i (B, bq, KV, G, hd), k_j (B, bk, KV, hd) → fp32 scaled, masked scores (B, KV, G, bq, bk)."""
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+    """q_i (B, KV, G·bq, hd), k_j (B, KV, bk, hd) → fp32 scaled, masked scores (B, KV, G·bq, bk)."""
+    s = jnp.einsum("bkqd,bksd->bkqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
     return jnp.where(mask, s, _MASKED)
 
 
 def _forward(q, k, v, seg, block: int):
     """Padded, grouped q (B, T, KV, G, hd), k, v (B, T, KV, hd), seg (B, T) | None →
-    out (B, T, KV, G, hd) in q's dtype, lse (B, KV, G, T) fp32."""
+    out (B, T, KV, G, hd) in q's dtype, lse (T/block, B, KV, G·block) fp32."""
     B, T, KV, G, hd = q.shape
     n, scale = T // block, 1.0 / np.sqrt(hd)
-    qb, kb, vb = _blocks(q, block), _blocks(k, block), _blocks(v, block)
-    sb = None if seg is None else _blocks(seg, block)  # (n, B, block)
-    acc = jnp.zeros((n, B, KV, G, block, hd), jnp.float32)
-    m = jnp.full((n, B, KV, G, block), -jnp.inf, jnp.float32)
-    l = jnp.zeros((n, B, KV, G, block), jnp.float32)
+    qb, kb, vb = _tiles(q, block), _tiles(k, block), _tiles(v, block)
+    sb = None if seg is None else jnp.moveaxis(seg.reshape(B, n, block), 1, 0)  # (n, B, block)
+    acc = jnp.zeros(qb.shape, jnp.float32)  # (n, B, KV, G·block, hd)
+    m = jnp.full(qb.shape[:-1], -jnp.inf, jnp.float32)
+    l = jnp.zeros(qb.shape[:-1], jnp.float32)
 
     def step(carry, ij):
         acc, m, l = carry
         i, j = ij
-        mask = _tile_mask(i, j, block, sb)
-        s = _scores(_get(qb, i), _get(kb, j), scale, mask)  # (B, KV, G, bq, bk)
+        s = _scores(_get(qb, i), _get(kb, j), scale, _tile_mask(i, j, block, G, sb))  # (B, KV, G·bq, bk)
         m_i = _get(m, i)
         m_new = jnp.maximum(m_i, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        p = jnp.exp(s - m_new[..., None])  # masked scores give 0: m_new is finite (diagonal tiles come first)
         alpha = jnp.exp(m_i - m_new)  # rescales what was summed under the old max
-        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _get(vb, j), preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), _get(vb, j), preferred_element_type=jnp.float32)
         acc = _set(acc, i, _get(acc, i) * alpha[..., None] + pv)
         return (acc, _set(m, i, m_new), _set(l, i, _get(l, i) * alpha + p.sum(-1))), None
 
     (acc, m, l), _ = jax.lax.scan(step, (acc, m, l), block_pairs(n))
-    out = acc / l[..., None]  # every query sees at least itself: l > 0
-    out = jnp.moveaxis(out, 4, 2).swapaxes(0, 1).reshape(B, T, KV, G, hd)  # from (n, B, KV, G, bq, hd)
-    lse = jnp.moveaxis(m + jnp.log(l), 0, 3).reshape(B, KV, G, T)  # (n, B, KV, G, bq) → (B, KV, G, T)
-    return out.astype(q.dtype), lse
+    return _untiles(acc / l[..., None], q), m + jnp.log(l)  # every query sees at least itself: l > 0
 
 
 def _backward(q, k, v, seg, out, lse, d_out, block: int):
     """Gradients of q, k, v from the saved output and log-sum-exp, recomputing each tile's probabilities."""
     B, T, KV, G, hd = q.shape
     n, scale = T // block, 1.0 / np.sqrt(hd)
-    qb, kb, vb, dob = _blocks(q, block), _blocks(k, block), _blocks(v, block), _blocks(d_out, block)
-    sb = None if seg is None else _blocks(seg, block)
-    lse_b = jnp.moveaxis(lse.reshape(B, KV, G, n, block), 3, 0)  # (n, B, KV, G, bq)
-    # delta_q = Σ_d dO·O: the softmax backward's row term, once per query.
-    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    delta_b = jnp.moveaxis(delta.reshape(B, KV, G, n, block), 3, 0)  # (n, B, KV, G, bq)
+    qb, kb, vb, dob = _tiles(q, block), _tiles(k, block), _tiles(v, block), _tiles(d_out, block)
+    sb = None if seg is None else jnp.moveaxis(seg.reshape(B, n, block), 1, 0)
+    # delta = Σ_d dO·O: the softmax backward's row term, once per query.
+    delta = jnp.sum(dob.astype(jnp.float32) * _tiles(out, block).astype(jnp.float32), -1)  # (n, B, KV, G·bq)
     dq = jnp.zeros(qb.shape, jnp.float32)
     dk = jnp.zeros(kb.shape, jnp.float32)
     dv = jnp.zeros(vb.shape, jnp.float32)
@@ -118,22 +127,18 @@ def _backward(q, k, v, seg, out, lse, d_out, block: int):
     def step(carry, ij):
         dq, dk, dv = carry
         i, j = ij
-        mask = _tile_mask(i, j, block, sb)
         q_i, k_j, do = _get(qb, i), _get(kb, j), _get(dob, i)
-        p = jnp.where(mask, jnp.exp(_scores(q_i, k_j, scale, mask) - _get(lse_b, i)[..., None]), 0.0)
-        dv = _add(dv, j, jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), do, preferred_element_type=jnp.float32))
-        dp = jnp.einsum("bqkgd,bskd->bkgqs", do, _get(vb, j), preferred_element_type=jnp.float32)
-        ds = (p * (dp - _get(delta_b, i)[..., None]) * scale).astype(q.dtype)  # (B, KV, G, bq, bk)
-        dq = _add(dq, i, jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=jnp.float32))
-        dk = _add(dk, j, jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=jnp.float32))
+        s = _scores(q_i, k_j, scale, _tile_mask(i, j, block, G, sb))
+        p = jnp.exp(s - _get(lse, i)[..., None])  # masked scores give 0
+        dv = _add(dv, j, jnp.einsum("bkqs,bkqd->bksd", p.astype(do.dtype), do, preferred_element_type=jnp.float32))
+        dp = jnp.einsum("bkqd,bksd->bkqs", do, _get(vb, j), preferred_element_type=jnp.float32)
+        ds = (p * (dp - _get(delta, i)[..., None]) * scale).astype(q.dtype)  # (B, KV, G·bq, bk)
+        dq = _add(dq, i, jnp.einsum("bkqs,bksd->bkqd", ds, k_j, preferred_element_type=jnp.float32))
+        dk = _add(dk, j, jnp.einsum("bkqs,bkqd->bksd", ds, q_i, preferred_element_type=jnp.float32))
         return (dq, dk, dv), None
 
     (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), block_pairs(n))
-
-    def unblock(x, like):  # (n, B, block, ...) → (B, T, ...)
-        return jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)
-
-    return unblock(dq, q), unblock(dk, k), unblock(dv, v)
+    return _untiles(dq, q), _untiles(dk, k), _untiles(dv, v)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
