@@ -84,15 +84,12 @@ def resolve(impl: AttentionImpl, backend: str | None = None) -> Kernel:
     return "splash" if backend == "tpu" else "blockwise"
 
 
-def kernel_for(impl: AttentionImpl, compute_dtype: Any, backend: str | None = None, seq_len: int | None = None,
-               block: int = 512) -> Kernel:
-    """The kernel a step in `compute_dtype` over `seq_len` tokens runs: cuDNN takes bf16/fp16 only, so fp32
-    falls back to blockwise; and `auto` runs the reference where blockwise would be one tile (seq_len <= block):
-    the same T×T computation, which XLA's fused einsums do faster (CPU demo step: 2,006 vs 1,728 tokens/s)."""
+def kernel_for(impl: AttentionImpl, compute_dtype: Any, backend: str | None = None) -> Kernel:
+    """The kernel a step in `compute_dtype` runs: cuDNN takes bf16/fp16 only, so fp32 falls back to blockwise.
+    Blockwise also where T is one tile: it keeps no probabilities for the backward, and on CPU it beats the
+    reference there too (tiny 8×256: 1.19× vs 0.97× transformers; demo: 0.85× vs 0.77×, benchmarks/RESULTS.md)."""
     kernel = resolve(impl, backend)
-    kernel = "blockwise" if kernel == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32 else kernel
-    one_tile = seq_len is not None and seq_len <= block
-    return "xla" if impl == "auto" and kernel == "blockwise" and one_tile else kernel
+    return "blockwise" if kernel == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32 else kernel
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Kernel = "xla", segments: jax.Array | None = None,

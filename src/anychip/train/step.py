@@ -54,8 +54,7 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
     # train() sets eot_id from the tokenizer first; callers that only lower the step (check, bench) have no
     # data, and any id gives the same program.
     eot_id = (cfg.train.eot_id or 0) if cfg.train.document_mask else None
-    return {"compute_dtype": compute_dtype, "remat": c.remat, "attention_impl": kernel_for(c.attention, compute_dtype, seq_len=cfg.train.seq_len,
-                                                                   block=c.attention_block),
+    return {"compute_dtype": compute_dtype, "remat": c.remat, "attention_impl": kernel_for(c.attention, compute_dtype),
             "attention_block": c.attention_block, "eot_id": eot_id, "unroll": c.layers == "unroll"}
 
 
