@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prep-files", type=int, default=120)
-    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--train-steps", type=int, default=40, help="0: preparation only")
     args = parser.parse_args()
     import ray
     from s3_server import make_bucket, moto_s3, upload
@@ -86,7 +86,7 @@ def main() -> None:
         ray.shutdown()
         bucket = make_bucket("bench")
         upload(tmp / "tok", f"{bucket}/data")
-        for n in range(args.rounds):  # interleaved: local disk, then the S3 server, each round
+        for n in range(args.rounds if args.train_steps else 0):  # interleaved: local disk, then the S3 server
             local = train_tokens_per_s(str(tmp / "tok"), str(tmp / f"run-local-{n}"), args.train_steps)
             remote = train_tokens_per_s(f"{bucket}/data", str(tmp / f"run-s3-{n}"), args.train_steps)
             result["train"].append({"local_disk_tokens_per_s": local, "s3_tokens_per_s": remote})
@@ -94,8 +94,10 @@ def main() -> None:
     result["ratios"] = {
         "local_engine_vs_raw": float(np.median([r["local_tokens_per_s"] / r["raw_tokens_per_s"] for r in prep])),
         "ray_engine_vs_raw": float(np.median([r["ray_tokens_per_s"] / r["raw_tokens_per_s"] for r in prep])),
-        "train_s3_vs_local": float(np.median([r["s3_tokens_per_s"] / r["local_disk_tokens_per_s"] for r in trains])),
     }
+    if trains:
+        result["ratios"]["train_s3_vs_local"] = float(np.median([r["s3_tokens_per_s"] / r["local_disk_tokens_per_s"]
+                                                                 for r in trains]))
     result["load_average_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
