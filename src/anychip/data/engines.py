@@ -72,7 +72,8 @@ def run_tasks(fn: Callable[[Job], dict[str, Any]], jobs: list[Job], engine: str,
             on_done(records[-1])
         return records
     ray = _start_ray(ray_address)
-    remote = ray.remote(num_cpus=1, max_retries=2, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})(_run_with)
+    env = {**{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}, "RAYON_NUM_THREADS": "1"}
+    remote = ray.remote(num_cpus=1, max_retries=2, runtime_env={"env_vars": env})(_run_with)
     common = _common(jobs)
     shared = ray.put(common)
     pending = {remote.remote(fn, shared, {k: v for k, v in job.items() if k not in common}): i
