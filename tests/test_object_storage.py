@@ -169,3 +169,49 @@ def test_hugging_face_save_to_disk_folder_in_a_bucket(s3, tmp_path):
     local = prepare([str(tmp_path / "hf")], tmp_path / "local", vocab_size=300, log=lambda _: None)
     assert remote == local
     assert remote["sources"] == {"files": 1, "documents": 40, "skipped": {}}  # the arrow file only
+
+
+def test_export_to_and_import_from_s3_equal_the_local_paths(s3, tmp_path):
+    """A run exported into the bucket holds the same bytes as one exported locally; importing it back
+    from the bucket (into a local run dir and into the bucket) restores the weights bit-exactly."""
+    import dataclasses
+
+    import jax
+
+    from anychip.config import Config, ModelConfig, TrainConfig
+    from anychip.data.tokenizer import train_tokenizer
+    from anychip.interop.hf import export_hf, import_hf, write_run
+    from anychip.model.params import init_params
+    from anychip.train.run_dir import load_run
+
+    model = ModelConfig(name="t", vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                        max_seq_len=64)
+    tokenizer = train_tokenizer([f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)], 300)
+    params = init_params(model, jax.random.key(1))
+    run = write_run(Config(model=model, train=TrainConfig(seq_len=32), run_dir=str(tmp_path / "run")), params,
+                    tokenizer, source="test")
+    bucket = make_bucket("models")
+    local_hf = export_hf(run, tmp_path / "hf", max_shard_bytes=20_000)  # sharded: an index and several files
+    assert export_hf(run, f"{bucket}/hf", max_shard_bytes=20_000) == f"{bucket}/hf"
+    assert data_files(f"{bucket}/hf") == data_files(str(local_hf)) and len(storage.listdir(f"{bucket}/hf")) > 6
+    with pytest.raises(UserError, match="not empty"):
+        export_hf(run, f"{bucket}/hf")
+
+    back = import_hf(f"{bucket}/hf", tmp_path / "back")
+    cfg, restored, _ = load_run(back)
+    assert dataclasses.replace(cfg.model, name="t") == model and cfg.model.name == "hf"  # named by the prefix
+    jax.tree.map(np.testing.assert_array_equal, restored, params)  # bit-exact
+
+    # A run directory in the bucket, in the layout a trainer writes there, exported from the bucket.
+    assert import_hf(f"{bucket}/hf", f"{bucket}/imported") == f"{bucket}/imported"
+    assert storage.exists(f"{bucket}/imported/checkpoints/0/.uploaded")
+    again = export_hf(f"{bucket}/imported", tmp_path / "again", max_shard_bytes=20_000)
+    assert data_files(str(again)) == data_files(str(local_hf))
+
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not opened")
+    upload(tmp_path / "pickled", f"{bucket}/pickled")
+    with pytest.raises(UserError, match="refusing to load pickle-based weights"):
+        import_hf(f"{bucket}/pickled", tmp_path / "never")
+    assert not (tmp_path / "never").exists()

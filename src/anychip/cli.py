@@ -193,12 +193,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from anychip import storage
     from anychip.interop.hf import CONTINUED_PRETRAINING as o
     from anychip.interop.hf import import_hf
 
     run_dir = import_hf(args.hf_dir, args.out, extend_with=args.extend_with, extra_tokens=args.extra_tokens)
-    print(f"imported {args.hf_dir} into {run_dir}; continue pretraining with: anychip train "
-          f"{run_dir}/config.yaml init_from={run_dir} run_dir=NEW_RUN data.path=DATA\n"
+    how = (f"anychip train {run_dir}/config.yaml init_from={run_dir} run_dir=NEW_RUN data.path=DATA"
+           if not storage.is_remote(run_dir) else
+           f"anychip train config.yaml run_dir={run_dir} data.path=DATA (config.yaml: a copy of {run_dir}/config.yaml; "
+           "the run resumes from its checkpoint 0)")
+    print(f"imported {args.hf_dir} into {run_dir}; continue pretraining with: {how}\n"
           f"its optimizer is set for continued pretraining: peak lr {o.lr:g} after {o.warmup_steps} warmup steps, "
           f"cosine to {o.lr * o.min_lr_ratio:g} (a from-scratch rate would overwrite what the model knows; "
           "docs/serving.md). Change it with optim.lr=... optim.warmup_steps=...")
@@ -383,16 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory or URL (s3://, gs://)")
     p.add_argument("--format", choices=["hf"], default="hf")
-    p.add_argument("out", help="output directory (must not exist or be empty)")
+    p.add_argument("out", help="output directory or URL (must not exist or be empty)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("import", help="import a model from another format")
     fmt = p.add_subparsers(dest="import_format", required=True)
-    p = fmt.add_parser("hf", help="a local Hugging Face Llama/Qwen3/Mistral checkpoint (safetensors only)")
-    p.add_argument("hf_dir")
-    p.add_argument("--out", required=True, help="the run directory to create")
+    p = fmt.add_parser("hf", help="a Hugging Face Llama/Qwen3/Mistral checkpoint directory (safetensors only)")
+    p.add_argument("hf_dir", help="the model directory, local or a URL (s3://, gs://)")
+    p.add_argument("--out", required=True, help="the run directory (or URL) to create")
     p.add_argument("--extend-with", nargs="+", help="corpus files/folders to learn extra tokens from")
     p.add_argument("--extra-tokens", type=count(0), default=0, help="how many tokens to add (with --extend-with)")
     p.set_defaults(handler=cmd_import)

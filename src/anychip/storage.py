@@ -12,6 +12,7 @@ not at all; a folder is complete when its marker file (a data dir's manifest.jso
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -194,3 +195,37 @@ def open_output(path: str | Path) -> Any:
         return open(local_path(path), "wb")
     fs, inner = filesystem(path)
     return _checked(path, fs.open, inner, "wb")
+
+
+def check_new_folder(path: str | Path) -> None:
+    """An output folder (local or URL) must not exist yet, or be empty: nothing of the user's is replaced."""
+    if not is_remote(path):
+        from anychip.files import check_new_directory
+
+        check_new_directory(local_path(path))
+        return
+    check_reachable(path)
+    if listdir(path):
+        raise UserError(f"{path} already exists and is not empty; choose a new prefix (nothing was changed)")
+
+
+def upload_folder(local: Path, url: str, last: str) -> None:
+    """Every file under `local` to `url`/..., the file named `last` after all the others: a reader that
+    takes `last` as the folder's marker never sees it incomplete. A failure removes what was uploaded."""
+    fs, inner = filesystem(url)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.relative_to(local).as_posix() == last)
+    try:
+        for path in files:
+            _checked(url, fs.put_file, str(path), f"{inner}/{path.relative_to(local).as_posix()}")
+    except BaseException:  # also Ctrl-C and SIGTERM: leave no folder without its marker
+        with contextlib.suppress(Exception):
+            fs.rm(inner, recursive=True)
+        raise
+
+
+def download_files(url: str, names: list[str], local: Path) -> None:
+    """`url`/name → `local`/name for each of `names` (plain names of files directly inside `url`)."""
+    fs, inner = filesystem(url)
+    local.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        _checked(join(url, name), fs.get_file, f"{inner}/{name}", str(local / name))

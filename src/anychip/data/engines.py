@@ -47,9 +47,24 @@ def _start_ray(address: str | None) -> Any:
     return ray
 
 
+def _common(jobs: list[Job]) -> Job:
+    """The fields every job has with the same value (the tokenizer, the settings): sent once, not per task."""
+    first = jobs[0]
+    return {k: v for k, v in first.items() if all(k in job and job[k] == v for job in jobs[1:])}
+
+
+def _run_with(fn: Callable[[Job], dict[str, Any]], common: Job, own: Job) -> dict[str, Any]:
+    return fn({**common, **own})
+
+
 def run_tasks(fn: Callable[[Job], dict[str, Any]], jobs: list[Job], engine: str, ray_address: str | None,
               on_done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """fn(job) for every job; `on_done` sees each record as it completes. Records come back in job order."""
+    """fn(job) for every job; `on_done` sees each record as it completes. Records come back in job order.
+
+    On Ray each task claims one CPU, and its worker runs tokenizers' thread pool with one thread
+    (RAYON_NUM_THREADS=1): Ray already runs a task per core, and a pool per task sized to the whole
+    machine would put cores x cores threads on it. The fields all jobs share are put in the object store
+    once (one copy per node) instead of being serialized with every task."""
     if engine == "local":
         records = []
         for job in jobs:
@@ -57,8 +72,12 @@ def run_tasks(fn: Callable[[Job], dict[str, Any]], jobs: list[Job], engine: str,
             on_done(records[-1])
         return records
     ray = _start_ray(ray_address)
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
-    pending = {remote.remote(job): i for i, job in enumerate(jobs)}
+    env = {**{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}, "RAYON_NUM_THREADS": "1"}
+    remote = ray.remote(num_cpus=1, max_retries=2, runtime_env={"env_vars": env})(_run_with)
+    common = _common(jobs)
+    shared = ray.put(common)
+    pending = {remote.remote(fn, shared, {k: v for k, v in job.items() if k not in common}): i
+               for i, job in enumerate(jobs)}
     out: list[dict[str, Any] | None] = [None] * len(jobs)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

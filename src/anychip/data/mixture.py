@@ -107,10 +107,10 @@ class MixtureDataset:
         self._read(step + 1, batch_size, seq_len, seed, lo, hi, fetch=True)  # read-ahead
         return self._read(step, batch_size, seq_len, seed, lo, hi, fetch=False)  # type: ignore[return-value]
 
-    def realized(self, steps: int, batch_size: int, seed: int) -> dict[str, float]:
-        """Share of each component (by path) in the rows of steps [0, steps)."""
+    def realized(self, steps: int, batch_size: int, seed: int, start: int = 0) -> dict[str, float]:
+        """Share of each component (by path) in the rows of steps [start, steps)."""
         counts = np.zeros(len(self.components), np.int64)
-        for step in range(steps):
+        for step in range(start, steps):
             counts += np.bincount(self.choices(step, batch_size, seed), minlength=len(self.components))
         total = max(1, int(counts.sum()))
         return {e["path"]: float(n) / total for e, n in zip(self.entries, counts)}

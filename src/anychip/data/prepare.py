@@ -18,6 +18,7 @@ it is built in place and is complete once manifest.json exists, which is written
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import sys
@@ -201,10 +202,17 @@ def _scan(job: Job) -> dict[str, Any]:
     return {"hashes": base64.b64encode(hashes.tobytes()).decode(), "skipped": dict(sorted(skipped.items()))}
 
 
+@functools.lru_cache(maxsize=1)
+def _task_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """The tokenizer of a task, parsed once per process (a Ray worker runs many tasks of one preparation)."""
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True  # as load_tokenizer: literal "<|endoftext|>" is text
+    return tok
+
+
 def _tokenize(job: Job) -> dict[str, Any]:
     """Tokenize one task's files into its own shards of each split."""
-    tok = Tokenizer.from_str(job["tokenizer_json"])
-    tok.encode_special_tokens = True  # as load_tokenizer: literal "<|endoftext|>" is text
+    tok = _task_tokenizer(job["tokenizer_json"])
     hashes = np.frombuffer(base64.b64decode(job["hashes"]), dtype="<u4")
     is_val = np.frombuffer(base64.b64decode(job["is_val"]), dtype=bool)
     dtype, eot = token_dtype(tok.get_vocab_size()), eot_id(tok)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,16 @@ import safetensors
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
+from anychip import storage
 from anychip.config import CheckpointConfig, Config, ModelConfig, OptimConfig, TrainConfig
 from anychip.data.chat import PromptTokenizer, SpecialTokens
 from anychip.data.prepare import find_files, read_documents
 from anychip.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from anychip.errors import UserError
-from anychip.files import atomic_directory, check_new_directory, read_text
+from anychip.files import atomic_directory, read_text
 from anychip.model.params import Params, named_leaves, nest, param_table
 from anychip.train.checkpoint import checkpoint_meta, tokenizer_json
+from anychip.train.remote_run import fetched_run, publish_run
 from anychip.train.run_dir import RunDir, load_run
 from anychip.train.step import DTYPES, TrainState, build_trainer
 
@@ -45,6 +49,10 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # (cosine to 10%, weight decay 0.1, clipping at 1) is the usual pretraining recipe.
 CONTINUED_PRETRAINING = OptimConfig(lr=1e-4, warmup_steps=10)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What import reads of a model directory besides its *.safetensors (a URL's are downloaded, nothing else).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "model.safetensors.index.json")
 
 def to_hf_layout(x: np.ndarray, n_in: int) -> np.ndarray:
     """anychip (in..., out...) → HF Linear (out, in); norms (n_in=0) and the embedding table unchanged."""
@@ -142,17 +150,23 @@ def write_hf_tokenizer(tokenizer: PromptTokenizer, out_dir: Path, max_len: int) 
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str | Path:
     """Write the newest checkpoint of `run_dir` as a transformers model directory `out_dir` (new or empty):
     weights, config.json, tokenizer and generation_config.json with the run's special tokens and template.
-    It is built in a hidden sibling and renamed: complete, or (full disk, SIGTERM) not there at all."""
-    out_dir = Path(out_dir)
-    check_new_directory(out_dir)
-    cfg, params, tokenizer = load_run(run_dir)
-    prompts = RunDir(run_dir).prompt_tokenizer(tokenizer)
+    Either may be a URL (s3://, gs://). It is built in a hidden sibling and renamed: complete, or (full
+    disk, SIGTERM) not there at all; in object storage it is built locally and uploaded with config.json
+    last, the file transformers opens first (a failed upload removes the rest)."""
+    storage.check_new_folder(out_dir)
+    with fetched_run(run_dir) as local_run:
+        cfg, params, tokenizer = load_run(local_run)
+        prompts = RunDir(local_run).prompt_tokenizer(tokenizer)
     tensors = hf_state_dict(params, cfg.model)
     ids = generation_token_ids(prompts)
-    with atomic_directory(out_dir) as tmp:
+    remote = storage.is_remote(out_dir)
+    build = (tempfile.TemporaryDirectory(prefix="anychip-export-") if remote
+             else atomic_directory(storage.local_path(out_dir)))
+    with build as tmp:
+        tmp = Path(tmp)
         try:
             (tmp / "config.json").write_text(json.dumps(hf_config(cfg.model, ids), indent=2))
             (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2))
@@ -160,7 +174,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int 
             write_hf_tokenizer(prompts, tmp, cfg.model.max_seq_len)
         except (OSError, safetensors.SafetensorError) as e:
             raise UserError(f"{out_dir}: cannot write ({str(e).splitlines()[0]}); nothing was left there") from None
-    return out_dir
+        if remote:
+            storage.upload_folder(tmp, str(out_dir), last="config.json")
+    return out_dir if remote else storage.local_path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +315,7 @@ def weight_files(hf_dir: Path) -> list[Path]:
     if (hf_dir / "model.safetensors").is_file():
         return [hf_dir / "model.safetensors"]
     files = sorted(hf_dir.glob("*.safetensors"))
-    if not files and any(any(hf_dir.glob(p)) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")):
+    if not files and any(any(hf_dir.glob(f"*{suffix}")) for suffix in PICKLE_SUFFIXES):
         raise UserError(f"{hf_dir}: refusing to load pickle-based weights; convert to safetensors")
     if not files:
         raise UserError(f"{hf_dir} has no *.safetensors weights")
@@ -439,11 +455,11 @@ def grow_vocabulary(params: Params, cfg: ModelConfig, first_new: int, n_tokens: 
 
 
 def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str,
-              special_tokens: SpecialTokens | None = None) -> Path:
+              special_tokens: SpecialTokens | None = None, build_in: Path | None = None) -> Path:
     """A run directory (config.yaml, tokenizer.json, special_tokens.json, checkpoint 0 with a fresh optimizer
-    state), built in a hidden sibling and renamed: complete, or not there at all. Special tokens default to
-    those of an anychip tokenizer."""
-    final = Path(cfg.run_dir)
+    state) at `build_in` (default cfg.run_dir), built in a hidden sibling and renamed: complete, or not there
+    at all. Special tokens default to those of an anychip tokenizer."""
+    final = Path(cfg.run_dir) if build_in is None else build_in
     trainer = build_trainer(cfg)
     shardings = trainer.state_shardings
     dtype = DTYPES[cfg.compute.param_dtype]
@@ -463,31 +479,64 @@ def write_run(cfg: Config, params: Params, tokenizer: Tokenizer, source: str,
     return final
 
 
+@contextmanager
+def fetched_model_dir(hf_dir: str | Path) -> Iterator[Path]:
+    """A model directory to read: a local one as it is; one in object storage as a temporary copy of the
+    files import reads (MODEL_FILES and *.safetensors directly inside the prefix: nothing else, so pickle
+    weights there are never fetched, only refused)."""
+    if not storage.is_remote(hf_dir):
+        path = storage.local_path(hf_dir)
+        if not path.is_dir():
+            raise UserError(f"model directory not found: {hf_dir}")
+        yield path
+        return
+    storage.check_reachable(hf_dir)
+    names = storage.listdir(hf_dir)
+    wanted = [n for n in names if n in MODEL_FILES or n.endswith(".safetensors")]
+    if "config.json" not in wanted:
+        raise UserError(f"model directory not found: {hf_dir} (no config.json there)")
+    if not any(n.endswith(".safetensors") for n in wanted) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        raise UserError(f"{hf_dir}: refusing to load pickle-based weights; convert to safetensors")
+    with tempfile.TemporaryDirectory(prefix="anychip-import-") as tmp:
+        local = Path(tmp) / str(hf_dir).rstrip("/").rsplit("/", 1)[-1]
+        storage.download_files(str(hf_dir), wanted, local)
+        yield local
+
+
 def import_hf(hf_dir: str | Path, run_dir: str | Path, *, extend_with: list[str] | None = None,
-              extra_tokens: int = 0) -> Path:
+              extra_tokens: int = 0) -> str | Path:
     """Turn a transformers model directory (config.json, *.safetensors, tokenizer.json) into an anychip run
-    directory (new or empty) that `generate`, `eval` and `train init_from=` accept. Only files inside
-    `hf_dir` are read; a malformed config, index or safetensors header is a one-line UserError.
+    directory (new or empty) that `generate`, `eval` and `train init_from=` accept. Either may be a URL
+    (s3://, gs://): a remote model directory is downloaded first, a remote run directory built locally and
+    uploaded as a trainer writes one. Only files inside `hf_dir` are read; a malformed config, index or
+    safetensors header is a one-line UserError.
 
     With `extend_with` (files, folders, globs of a new corpus) the tokenizer gains up to `extra_tokens`
     tokens learned from it, and the embedding grows to match (see `grow_vocabulary`)."""
-    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    check_new_directory(run_dir)
+    storage.check_new_folder(run_dir)
     if bool(extend_with) != (extra_tokens > 0):
         raise UserError("extending the vocabulary needs both a corpus (extend_with) and extra_tokens > 0")
-    if not hf_dir.is_dir():
-        raise UserError(f"model directory not found: {hf_dir}")
-    hf = _read_json(hf_dir / "config.json")
-    model = model_config_from_hf(hf, name=hf_dir.resolve().name)
-    files = weight_files(hf_dir)
-    tokenizer = _load_hf_tokenizer(hf_dir, model)
-    special = special_tokens_from_hf(hf_dir, hf, tokenizer)
-    params = params_from_hf(read_safetensors(files), model)
+    source = str(hf_dir) if storage.is_remote(hf_dir) else str(storage.local_path(hf_dir).absolute())
+    with fetched_model_dir(hf_dir) as local:
+        hf = _read_json(local / "config.json")
+        model = model_config_from_hf(hf, name=local.resolve().name)
+        files = weight_files(local)
+        tokenizer = _load_hf_tokenizer(local, model)
+        special = special_tokens_from_hf(local, hf, tokenizer)
+        params = params_from_hf(read_safetensors(files), model)
     if extend_with:
         first_new = max(tokenizer.get_vocab().values()) + 1
         texts = read_documents(find_files(extend_with), Counter())
         tokenizer = extend_tokenizer(tokenizer, texts, extra_tokens)
         params, model = grow_vocabulary(params, model, first_new, tokenizer.get_vocab_size())
     seq_len = min(TrainConfig.seq_len, model.max_seq_len)
-    cfg = Config(model=model, optim=CONTINUED_PRETRAINING, train=TrainConfig(seq_len=seq_len), run_dir=str(run_dir))
-    return write_run(cfg, params, tokenizer, source=str(hf_dir.absolute()), special_tokens=special)
+    if not storage.is_remote(run_dir):
+        cfg = Config(model=model, optim=CONTINUED_PRETRAINING, train=TrainConfig(seq_len=seq_len),
+                     run_dir=str(storage.local_path(run_dir)))
+        return write_run(cfg, params, tokenizer, source=source, special_tokens=special)
+    with tempfile.TemporaryDirectory(prefix="anychip-import-run-") as tmp:
+        # config.yaml names the URL: a trainer started from it works on its own working copy
+        cfg = Config(model=model, optim=CONTINUED_PRETRAINING, train=TrainConfig(seq_len=seq_len), run_dir=str(run_dir))
+        write_run(cfg, params, tokenizer, source=source, special_tokens=special, build_in=Path(tmp) / "run")
+        publish_run(Path(tmp) / "run", str(run_dir))
+    return run_dir

@@ -162,6 +162,15 @@ class Loop:
         return final
 
 
+def mixture_meta(train_ds: Any, resumed: dict[str, Any] | None, changed: dict[str, Any] | None) -> dict[str, Any]:
+    """What a mixture run's checkpoints add: its components and weights (compared on resume) and the step
+    since which these weights apply (realized proportions count from there)."""
+    if not isinstance(train_ds, MixtureDataset):
+        return {}
+    since = 0 if resumed is None else resumed["step"] if changed is not None else resumed.get("mixture_since", 0)
+    return {"data_mixture": train_ds.manifest["mixture"], "mixture_since": since}
+
+
 def train(cfg: Config, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Run (or resume) training as configured. Raises Preempted after SIGTERM/SIGINT, UserError (one line)
     for bad input, a busy run directory or a storage fault."""
@@ -184,20 +193,24 @@ def _train(cfg: Config, log: Callable[[str], None], callbacks: Sequence[Callback
         try:
             state, resumed = start_state(trainer, run, ckpt, log)  # resume=never refuses before run_dir changes
             ckpt.check_storage(state)  # a read-only or full disk shows now, not at the first save
-            if resumed is not None:
-                check_same_data(resumed, data_dir, train_ds, log)
+            changed = None if resumed is None else check_same_data(resumed, data_dir, train_ds, log)
             if is_main_process():  # one writer per run; the other processes only read
                 if resumed is None:
                     run.set_aside_history(log)
                 run.write_files(cfg, read_text(train_ds.tokenizer_path), train_ds.manifest_text,
                                 special_tokens=new_special_tokens(cfg, run, train_ds))
                 run.truncate_metrics(None if resumed is None else resumed.get("metrics_bytes"), log)
-            meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], train_ds.manifest_sha256)
+            meta = checkpoint_meta(cfg, train_ds.manifest["tokenizer_sha256"], train_ds.manifest_sha256,
+                                   **mixture_meta(train_ds, resumed, changed))
             loop = Loop(trainer, run, ckpt, (train_ds, val_ds), meta, int(state.step), log, callbacks)
+            if changed is not None:
+                loop.writer.write(changed)
             state, initial, final = loop.train(state)
             if isinstance(train_ds, MixtureDataset):
-                shares = train_ds.realized(int(state.step), cfg.train.batch_size, cfg.train.seed)
-                log("mixture realized: " + ", ".join(f"{p} {share:.3f}" for p, share in shares.items()))
+                since = meta["mixture_since"]
+                shares = train_ds.realized(int(state.step), cfg.train.batch_size, cfg.train.seed, start=since)
+                log(f"mixture realized (steps {since}..{int(state.step)}): "
+                    + ", ".join(f"{p} {share:.3f}" for p, share in shares.items()))
         finally:
             ckpt.close()  # waits for a save in flight: an error above must not cost a good checkpoint
     logger = loop.logger

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -224,3 +225,30 @@ def remote_run(cfg: Config, log: Callable[[str], None]) -> Iterator[tuple[Config
             log(f"run directory uploaded to {cfg.run_dir}")
     finally:
         lock.release()
+
+
+@contextmanager
+def fetched_run(run_dir: str | Path, log: Callable[[str], None] = lambda _: None) -> Iterator[Path]:
+    """A run directory to read: a local one as it is; one in object storage downloaded (its files and its
+    newest committed checkpoint, as a trainer's start fetches them) into a temporary folder."""
+    if not storage.is_remote(run_dir):
+        yield storage.local_path(run_dir)
+        return
+    storage.check_reachable(run_dir)
+    if not storage.listdir(run_dir):
+        raise UserError(f"run directory not found: {run_dir}")
+    with tempfile.TemporaryDirectory(prefix="anychip-run-") as tmp:
+        mirror = Mirror(str(run_dir), Path(tmp) / "run", log)
+        mirror.pull()
+        yield mirror.local
+
+
+def publish_run(local: Path, url: str) -> None:
+    """Upload a finished local run directory to an empty `url` in the layout a remote run_dir has
+    (checkpoints committed by their markers); a failure removes what was uploaded."""
+    try:
+        Mirror(url, local, lambda _: None).push()
+    except BaseException:  # also Ctrl-C and SIGTERM: leave no half-uploaded run
+        with contextlib.suppress(Exception):
+            storage.remove_tree(url)
+        raise

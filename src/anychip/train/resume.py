@@ -12,6 +12,7 @@ import jax
 from anychip.config import Config, to_dict
 from anychip.data.chat import SpecialTokens
 from anychip.data.dataset import TokenDataset
+from anychip.data.mixture import MixtureDataset
 from anychip.data.tokenizer import load_tokenizer, tokenizer_hash
 from anychip.errors import UserError
 from anychip.model.params import param_shapes
@@ -69,15 +70,35 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return ", ".join(c for c in changes if c)
 
 
-def check_same_data(meta: dict[str, Any], data_dir: str | Path, train_ds: TokenDataset,
-                    log: Callable[[str], None]) -> None:
-    """A resumed run must read the same tokens: a new tokenizer is an error, new data a warning."""
+def check_same_data(meta: dict[str, Any], data_dir: str | Path, train_ds: TokenDataset | MixtureDataset,
+                    log: Callable[[str], None]) -> dict[str, Any] | None:
+    """A resumed run must read the same tokens: a new tokenizer is an error, new data a warning. New
+    mixture weights are allowed with a warning; the returned `mixture_changed` event (old and new weights)
+    is for metrics.jsonl."""
+    step = meta.get("step")
     if meta.get("tokenizer_sha256") not in (None, train_ds.manifest["tokenizer_sha256"]):
-        raise UserError(f"{data_dir} was tokenized with another tokenizer than checkpoint {meta.get('step')} "
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than checkpoint {step} "
                         "of this run_dir was trained with; use the run's data or start a new run_dir")
-    if meta.get("data_manifest_sha256") not in (None, train_ds.manifest_sha256):
-        log(f"warning: {data_dir} is not the data checkpoint {meta.get('step')} was trained on (manifest "
-            "differs): training goes on, but the data order does not continue exactly")
+    old_mix, new_mix = meta.get("data_mixture"), train_ds.manifest.get("mixture")
+    if old_mix is None or new_mix is None:
+        if meta.get("data_manifest_sha256") not in (None, train_ds.manifest_sha256):
+            log(f"warning: {data_dir} is not the data checkpoint {step} was trained on (manifest "
+                "differs): training goes on, but the data order does not continue exactly")
+        return None
+    old_data = {e["path"]: e["manifest_sha256"] for e in old_mix}
+    if any(old_data[e["path"]] != e["manifest_sha256"] for e in new_mix if e["path"] in old_data):
+        log(f"warning: a component of data.mixture is not the data checkpoint {step} was trained on "
+            "(its manifest differs): training goes on, but the data order does not continue exactly")
+    old, new = ({e["path"]: e["weight"] for e in mix} for mix in (old_mix, new_mix))
+    if old == new:
+        return None
+    log(f"warning: data.mixture changed since checkpoint {step}: {_weights(old)} -> {_weights(new)}; "
+        f"the batches from step {step} on follow the new weights (recorded in metrics.jsonl)")
+    return {"step": step, "event": "mixture_changed", "old": old, "new": new}
+
+
+def _weights(weights: dict[str, float]) -> str:
+    return ", ".join(f"{path} {w:.3g}" for path, w in weights.items())
 
 
 def check_init_tokenizer(cfg: Config, train_ds: TokenDataset) -> None:
