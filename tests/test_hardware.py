@@ -111,7 +111,7 @@ def test_user_yaml_overrides_and_adds(tmp_path):
     ("h100: {price_per_hour: cheap}", "expected a number in [0, 1e+09]"),
     ("h100: {price_per_hour: {value: 3, src: x}}", "expected a value or {value, source, date}"),
     ("h100: [1, 2]", "expected a mapping of fields or a price"),
-    ("h100: {attention: fast}", "expected 'flash', 'blockwise' or 'xla'"),
+    ("h100: {attention: fast}", "expected 'flash', 'splash', 'blockwise' or 'xla'"),
     ("h100: {domain: 0}", "domain: must be a positive integer"),
     ("h100: {domain: 2.5}", "domain: must be a positive integer"),
     ("h100: {training: 'no'}", "expected true or false"),

@@ -10,8 +10,8 @@ Memory per chip
     model/decoder.py under each policy (listed in `_residuals`), × n_layers, plus the larger of one
     layer's backward working set (1× its un-rematerialised residuals, 1.5× under 'full') and the loss's: 8·V
     bytes for fp32 logits and their gradient (with compute.loss_chunk only one chunk's, plus dloss/dh).
-    The reference attention saves the T×T scores; a "flash" chip (cuDNN, Pallas splash: tiles in on-chip
-    memory) does not, nor does "blockwise" (model/blockwise.py), which adds its backward's fp32 tiles in
+    The reference attention saves the T×T scores; a "flash" chip (cuDNN) or a "splash" one (Pallas, TPU:
+    per-head tensors padded to 128 lanes, dq written per key block; `_lane_padding`) does not, nor does "blockwise" (model/blockwise.py), which adds its backward's fp32 tiles in
     HBM: score, probability, dP and dS, block² each per local head and sequence of the microbatch.
   * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE (1.10, none with a fused "flash" kernel), and only
     HBM_USABLE of HBM may be planned. Checked against XLA's own memory analysis on CPU (tests/test_planner.py)
@@ -48,8 +48,9 @@ from anychip.parallel.mesh import PARAM_RULES
 REMATS = ("none", "dots", "full")
 DEFAULT_EFFICIENCY = 0.45  # ASSUMPTION: sustained fraction of peak for chips without a published run
 HBM_USABLE = 0.90  # leave 10% for the runtime, allocator fragmentation, collectives' buffers
-# XLA temp buffers beyond the counted residuals (copies, fusion outputs), by whether attention is a fused
-# "flash" kernel (cuDNN; Pallas splash on TPU is assumed alike: one compiled row, benchmarks/RESULTS.md). Fitted to the target compilers (benchmarks/compile_matrix.py, docs/planner.md "Memory model
+# XLA temp buffers beyond the counted residuals (copies, fusion outputs), by whether attention is a
+# fused kernel ("flash": cuDNN; "splash": Pallas on TPU). Fitted to the target compilers
+# (benchmarks/compile_matrix.py, docs/planner.md "Memory model
 # accuracy"): XLA:CPU and libtpu with the portable attention need the 1.10 (TPU rows +5% with it); XLA:GPU
 # with cuDNN attention needs none (1.10 put its rows at +5% to +19%, 1.00 at -2% to +12%).
 XLA_TEMP_FUDGE = {False: 1.10, True: 1.00}
