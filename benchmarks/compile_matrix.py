@@ -52,8 +52,8 @@ MATRIX = [
 # of each 128-lane TPU tile, and at 8 x 2048 libtpu keeps tiny's whole working set off HBM.
 OUT_OF_REACH = {
     ("tpu-v5e:4", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=8 mesh.fsdp=4"),
-    ("tpu-v5e:1", "model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=256 compute.remat=none "
-                  "mesh.fsdp=1"),
+    ("tpu-v5e:1", ("model=tiny model.max_seq_len=2048 train.seq_len=2048 train.batch_size=256 compute.remat=none "
+                   "mesh.fsdp=1")),
 }
 # The default suite's few small ones (tests/test_compile.py): one per compiler, seconds each.
 QUICK = [

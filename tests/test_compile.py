@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from anychip.check.compile import TPU_GENERATIONS, hbm_per_device, parse_target, target_devices, tpu_oom, tpu_shape
+from anychip.check.compile import (
+    TPU_GENERATIONS,
+    hbm_per_device,
+    parse_target,
+    target_devices,
+    tpu_oom,
+    tpu_shape,
+)
 from anychip.errors import UserError
 from anychip.jaxenv import aot_installed
 
