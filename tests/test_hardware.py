@@ -72,6 +72,9 @@ def test_device_kind_match_is_exact(catalog):
     assert trn2.key == "trn2" and trn2.devices_per_chip == 4
     assert trn2.peak_flops_per_device == pytest.approx(667e12 / 4)
     assert hardware.chips_in_use(trn2, 64) == 16
+    # libtpu's TPU7x topology shows each of a chip's 2 TensorCores as a device (tpu7x:2x2x1 = 8 devices).
+    tpu7x = hardware.match_device_kind("TPU7x", catalog)
+    assert tpu7x.devices_per_chip == 2 and hardware.chips_in_use(tpu7x, 8) == 4
 
 
 def test_detect_on_this_host():
@@ -108,7 +111,7 @@ def test_user_yaml_overrides_and_adds(tmp_path):
     ("h100: {price_per_hour: cheap}", "expected a number in [0, 1e+09]"),
     ("h100: {price_per_hour: {value: 3, src: x}}", "expected a value or {value, source, date}"),
     ("h100: [1, 2]", "expected a mapping of fields or a price"),
-    ("h100: {attention: fast}", "expected 'flash', 'blockwise' or 'xla'"),
+    ("h100: {attention: fast}", "expected 'flash', 'splash', 'blockwise' or 'xla'"),
     ("h100: {domain: 0}", "domain: must be a positive integer"),
     ("h100: {domain: 2.5}", "domain: must be a positive integer"),
     ("h100: {training: 'no'}", "expected true or false"),

@@ -60,7 +60,7 @@ class Chip:
     # Exact jax device_kind strings of this chip → JAX devices per chip.
     device_kinds: Mapping[str, int] = field(default_factory=dict, compare=False)
     devices_per_chip: int = 1  # of the matched device_kind (Neuron shows NeuronCores, not chips)
-    attention: str = "xla"  # "flash"/"blockwise": attention=auto's kernel keeps no T×T scores (step_model)
+    attention: str = "xla"  # "flash"/"splash"/"blockwise": attention=auto's kernel keeps no T×T scores (step_model)
     efficiency: float | None = None  # assumed sustained fraction of peak (uncalibrated default)
     training: bool = True
     notes: str = ""
@@ -141,8 +141,8 @@ def _apply(chip: Chip, entry: dict[str, Any], where: str, date: str, origin: str
             if not isinstance(value, bool):
                 raise UserError(f"{where}.training: expected true or false, got {value!r}")
             changes[name] = value
-        elif name == "attention" and value not in ("flash", "blockwise", "xla"):
-            raise UserError(f"{where}.attention: expected 'flash', 'blockwise' or 'xla', got {value!r}")
+        elif name == "attention" and value not in ("flash", "splash", "blockwise", "xla"):
+            raise UserError(f"{where}.attention: expected 'flash', 'splash', 'blockwise' or 'xla', got {value!r}")
         else:
             changes[name] = str(value)
     domain = changes.get("domain", chip.domain)

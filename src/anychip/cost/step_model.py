@@ -10,8 +10,8 @@ Memory per chip
     model/decoder.py under each policy (listed in `_residuals`), × n_layers, plus the larger of one
     layer's backward working set (1× its un-rematerialised residuals, 1.5× under 'full') and the loss's: 8·V
     bytes for fp32 logits and their gradient (with compute.loss_chunk only one chunk's, plus dloss/dh).
-    The reference attention saves the T×T scores; a "flash" chip (cuDNN, Pallas splash: tiles in on-chip
-    memory) does not, nor does "blockwise" (model/blockwise.py), which adds its backward's fp32 tiles in
+    The reference attention saves the T×T scores; a "flash" chip (cuDNN) or a "splash" one (Pallas, TPU:
+    per-head tensors padded to 128 lanes, dq written per key block; `_lane_padding`) does not, nor does "blockwise" (model/blockwise.py), which adds its backward's fp32 tiles in
     HBM: score, probability, dP and dS, block² each per local head and sequence of the microbatch.
   * XLA temp-buffer fudge: activations × XLA_TEMP_FUDGE (1.10, none with a fused "flash" kernel), and only
     HBM_USABLE of HBM may be planned. Checked against XLA's own memory analysis on CPU (tests/test_planner.py)
@@ -48,8 +48,9 @@ from anychip.parallel.mesh import PARAM_RULES
 REMATS = ("none", "dots", "full")
 DEFAULT_EFFICIENCY = 0.45  # ASSUMPTION: sustained fraction of peak for chips without a published run
 HBM_USABLE = 0.90  # leave 10% for the runtime, allocator fragmentation, collectives' buffers
-# XLA temp buffers beyond the counted residuals (copies, fusion outputs), by whether attention is a fused
-# "flash" kernel (cuDNN; Pallas splash on TPU is assumed alike: one compiled row, benchmarks/RESULTS.md). Fitted to the target compilers (benchmarks/compile_matrix.py, docs/planner.md "Memory model
+# XLA temp buffers beyond the counted residuals (copies, fusion outputs), by whether attention is a
+# fused kernel ("flash": cuDNN; "splash": Pallas on TPU). Fitted to the target compilers
+# (benchmarks/compile_matrix.py, docs/planner.md "Memory model
 # accuracy"): XLA:CPU and libtpu with the portable attention need the 1.10 (TPU rows +5% with it); XLA:GPU
 # with cuDNN attention needs none (1.10 put its rows at +5% to +19%, 1.00 at -2% to +12%).
 XLA_TEMP_FUDGE = {False: 1.10, True: 1.00}
@@ -96,36 +97,38 @@ def local_params(cfg: ModelConfig, fsdp: int, tensor: int) -> float:
     return total
 
 
-def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool) -> tuple[float, float]:
+def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool, lane: float = 1.0) -> tuple[float, float]:
     """Bytes JAX saves per token per layer for the backward: (replicated over tensor, split by tensor).
 
     Read off model.py, checked with jax's residual listing and XLA's CPU buffers. Each RMSNorm keeps
     the fp32 input and normalised value (8·D) plus the compute-dtype copy; attention keeps q, k, v
     after RoPE, its output, and per score an fp32 exp and the probability; SwiGLU keeps gate, up,
     three silu intermediates and their product. 'dots' keeps only matmul outputs (scores and PV in
-    fp32), 'full' only the layer input. `b`: compute dtype bytes.
+    fp32), 'full' only the layer input. `b`: compute dtype bytes. `lane`: how much larger the per-head
+    tensors (q, k, v, the attention output) are in memory than their elements (TPU: `_lane_padding`).
     """
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
     Dkv = cfg.n_kv_heads * cfg.head_dim
     if remat == "full":
         return b * D, 0.0
     if remat == "dots":
-        attn = b * D + 4 * H if flash else 4 * H * T + 4 * D  # flash: its output and softmax statistics
-        return 2 * b * D, b * D + 2 * b * Dkv + 2 * b * F + attn
+        attn = lane * b * D + 4 * H if flash else 4 * H * T + 4 * D  # flash: its output and softmax statistics
+        return 2 * b * D, lane * (b * D + 2 * b * Dkv) + 2 * b * F + attn
     norm = 8 + (b if b != 4 else 0)  # a separate compute-dtype copy exists only when it is not fp32
     # Scores: fp32 exp + compute-dtype probabilities (8 B per score in fp32 measured on CPU; JAX lists
     # the mask and masked scores too, but XLA keeps neither). Flash keeps only an fp32 log-sum-exp.
     attn = 4 * H if flash else (4 + b) * H * T
     qk = norm * (D + Dkv) if cfg.qk_norm else 0
-    return 2 * norm * D, 2 * b * D + 2 * b * Dkv + 6 * b * F + attn + qk
+    return 2 * norm * D, lane * (2 * b * D + 2 * b * Dkv) + 6 * b * F + attn + qk
 
 
 def _act_per_token(job: Job, remat: str, tensor: int, attention: str) -> tuple[float, float]:
     """(bytes held per token across the whole backward, bytes saved per token) for one chip."""
     cfg, b, flash = job.cfg, job.compute_bytes, attention != "xla"
-    rep, shard = _residuals(cfg, job.seq_len, remat, b, flash)
+    lane = _lane_padding(cfg) if attention == "splash" else 1.0
+    rep, shard = _residuals(cfg, job.seq_len, remat, b, flash, lane)
     saved = cfg.n_layers * (rep + shard / tensor)
-    rep0, shard0 = _residuals(cfg, job.seq_len, "none", b, flash)
+    rep0, shard0 = _residuals(cfg, job.seq_len, "none", b, flash, lane)
     # On top of the saved residuals, the peak is either one layer's backward (its residuals recomputed or
     # read, and their cotangents; under 'full' the recomputed forward on top) or the loss: fp32 logits and
     # their gradient (XLA fuses the softmax between them), or with train.loss_chunk one chunk's, plus
@@ -133,12 +136,21 @@ def _act_per_token(job: Job, remat: str, tensor: int, attention: str) -> tuple[f
     working = (1.5 if remat == "full" else 1.0) * (rep0 + shard0 / tensor)
     if attention == "blockwise":
         working += _blockwise_tiles(job, tensor) / job.seq_len
+    if attention == "splash":
+        # The fused backward writes dq once per key block (compute dtype, lane-padded) and sums them after.
+        working += -(-job.seq_len // min(job.attention_block, job.seq_len)) * lane * b * cfg.d_model / tensor
     vocab_split = tensor if cfg.vocab_size % tensor == 0 else 1
     logits = 8 * cfg.vocab_size / vocab_split
     if job.loss_chunk:
         logits = logits * job.loss_chunk / job.seq_len + b * cfg.d_model
     head = logits + (8 + b) * cfg.d_model  # + the final norm
     return saved + max(working, head), saved
+
+
+def _lane_padding(cfg: ModelConfig) -> float:
+    """TPU memory tiles put 128 lanes on the minor dimension, and per-head tensors have head_dim there:
+    head_dim 64 takes twice its bytes, 16 (tiny) eight times (libtpu's layouts, e.g. bf16[..,64]{..:T(8,128)})."""
+    return -(-cfg.head_dim // 128) * 128 / cfg.head_dim
 
 
 def _blockwise_tiles(job: Job, tensor: int) -> float:
@@ -159,7 +171,7 @@ def memory_per_chip(job: Job, layout: Layout, attention: str = "xla") -> dict[st
     casts = b * p if layout.remat == "none" and b != 4 else 0.0
     gathered = 2 * b * local_params(cfg, 1, t) / cfg.n_layers if f > 1 else 0.0  # 2 layers all-gathered
     held, _ = _act_per_token(job, layout.remat, t, attention)
-    acts = XLA_TEMP_FUDGE[attention == "flash"] * rows * job.seq_len * held
+    acts = XLA_TEMP_FUDGE[attention in ("flash", "splash")] * rows * job.seq_len * held
     return {"states": states, "weight_casts": casts, "gathered": gathered, "activations": acts,
             "total": states + casts + gathered + acts}
 

@@ -47,7 +47,7 @@ def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step
     remat = "dots" if c.remat == "dots_no_batch" else c.remat  # the planner models none / dots / full
     layout = step_model.Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], t.grad_accum, remat)
     kernel = kernel_for(c.attention, c.dtype)
-    attention = kernel if kernel in ("xla", "blockwise") else "flash"  # cuDNN and splash: tiles on chip
+    attention = "flash" if kernel == "cudnn" else kernel  # the planner's attention kinds: xla, blockwise, flash, splash
     return job, layout, attention
 
 
