@@ -74,7 +74,7 @@ def row(target: str, overrides: str) -> dict:
 def attention_kernel(cfg: Config, target: Target) -> str:
     """The attention kernel the compiled step ran on `target` (splash, cudnn, xla or blockwise)."""
     c = for_platform(cfg, target.platform).compute
-    return kernel_for(c.attention, c.dtype, seq_len=cfg.train.seq_len, block=c.attention_block)
+    return kernel_for(c.attention, c.dtype)
 
 
 def run(matrix: list, out: Path, only: str = "") -> None:

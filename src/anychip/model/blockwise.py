@@ -88,7 +88,7 @@ def _scores(q_i, k_j, scale: float, mask):
 def _forward(q, k, v, seg, block: int):
     """Padded, grouped q (B, T, KV, G, hd), k, v (B, T, KV, hd), seg (B, T) | None →
     out (B, T, KV, G, hd) in q's dtype, lse (T/block, B, KV, G·block) fp32."""
-    B, T, KV, G, hd = q.shape
+    B, T, _, G, hd = q.shape
     n, scale = T // block, 1.0 / np.sqrt(hd)
     qb, kb, vb = _tiles(q, block), _tiles(k, block), _tiles(v, block)
     sb = None if seg is None else jnp.moveaxis(seg.reshape(B, n, block), 1, 0)  # (n, B, block)
@@ -114,7 +114,7 @@ def _forward(q, k, v, seg, block: int):
 
 def _backward(q, k, v, seg, out, lse, d_out, block: int):
     """Gradients of q, k, v from the saved output and log-sum-exp, recomputing each tile's probabilities."""
-    B, T, KV, G, hd = q.shape
+    B, T, _, G, hd = q.shape
     n, scale = T // block, 1.0 / np.sqrt(hd)
     qb, kb, vb, dob = _tiles(q, block), _tiles(k, block), _tiles(v, block), _tiles(d_out, block)
     sb = None if seg is None else jnp.moveaxis(seg.reshape(B, n, block), 1, 0)
