@@ -91,9 +91,12 @@ def _manager_options(keep: int | None, keep_every: int, async_save: bool,
     if keep_every:
         keep_policies.append(policies.EveryNSteps(keep_every))
     delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
-    async_options = None
-    if async_save and delay > 0:
-        async_options = ocp.AsyncOptions(post_finalization_callback=lambda: time.sleep(delay))
+    # Directories are made in save() itself, not in the background: orbax's background mkdir, when it
+    # fails (read-only, full), never sends the "directory created" signal that every item's writer
+    # thread waits for, so those non-daemon threads sat out orbax's 300 s coordination timeout and
+    # kept the process from exiting. Made here, a failed mkdir raises in save() and starts no thread.
+    async_options = ocp.AsyncOptions(create_directories_asynchronously=False, post_finalization_callback=(
+        (lambda: time.sleep(delay)) if async_save and delay > 0 else None))
     return ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
         preservation_policy=policies.AnyPreservationPolicy(keep_policies), async_options=async_options,
