@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +69,25 @@ class _QuietOrbax(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
+
+
+def _quiet_closed_loops(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """When one write of a save fails, orbax closes that save's event loop while tensorstore still
+    finishes the others; each then reports "Event loop is closed" as an unraisable error from a
+    tensorstore thread (a bare traceback per array). The failure itself reaches the Checkpointer and
+    becomes one line; these echoes are dropped, anything else goes to the previous hook."""
+
+    def unraisablehook(unraisable: Any) -> None:
+        echo = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and threading.current_thread() is not threading.main_thread())
+        if not echo or os.environ.get(DEBUG_ENV):
+            hook(unraisable)
+
+    return unraisablehook
+
+
+sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
 
 class CheckpointSaveError(UserError):
@@ -151,6 +172,7 @@ class Checkpointer:
         self.schedule = schedule or SaveSchedule()
         self._pending: int | None = None
         self._last_saved: int | None = None
+        self._save_failed = False
         options = _manager_options(keep, keep_every, async_save, read_only)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -245,6 +267,7 @@ class Checkpointer:
         return True
 
     def _failed(self, step: int | None, error: Exception) -> None:
+        self._save_failed = True
         message = (f"could not write checkpoint {step} in {self.directory} ({_one_line(error)}); "
                    f"the earlier checkpoints are intact (newest complete: {self.latest_step()})")
         if self.on_save_error == "stop":
@@ -335,7 +358,12 @@ class Checkpointer:
         except CheckpointSaveError as e:
             self.log(f"warning: {e}")
             ok = False
-        self._manager.close()
+        try:
+            self._manager.close()
+        except OSError as e:  # orbax's last metadata write, on the storage that may have failed a save
+            if not self._save_failed:  # else that failure was reported already: one line, not two
+                self.log(f"warning: {storage_error(self.directory, e)}")
+            ok = False
         return ok
 
 
