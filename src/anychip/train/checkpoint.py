@@ -62,13 +62,16 @@ SPACE_MARGIN_BYTES = 1 << 20
 
 class _QuietOrbax(logging.Filter):
     """Orbax logs every failed write as an ERROR with a traceback, from several threads, and then raises
-    it; the Checkpointer turns the raised error into one line, so the logged copies are dropped."""
+    it; the Checkpointer turns the raised error into one line, so the logged copies are dropped. So are
+    asyncio's "Task exception was never retrieved" for orbax's write tasks left behind by a failed save."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or "orbax" not in record.pathname or bool(os.environ.get(DEBUG_ENV))
+        from_orbax = "orbax" in record.pathname or (record.name == "asyncio" and "orbax" in record.getMessage())
+        return record.levelno < logging.ERROR or not from_orbax or bool(os.environ.get(DEBUG_ENV))
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
+logging.getLogger("asyncio").addFilter(_QuietOrbax())
 
 
 def _quiet_closed_loops(hook: Callable[[Any], None]) -> Callable[[Any], None]:
