@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,13 +62,35 @@ SPACE_MARGIN_BYTES = 1 << 20
 
 class _QuietOrbax(logging.Filter):
     """Orbax logs every failed write as an ERROR with a traceback, from several threads, and then raises
-    it; the Checkpointer turns the raised error into one line, so the logged copies are dropped."""
+    it; the Checkpointer turns the raised error into one line, so the logged copies are dropped. So are
+    asyncio's "Task exception was never retrieved" for orbax's write tasks left behind by a failed save."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or "orbax" not in record.pathname or bool(os.environ.get(DEBUG_ENV))
+        from_orbax = "orbax" in record.pathname or (record.name == "asyncio" and "orbax" in record.getMessage())
+        return record.levelno < logging.ERROR or not from_orbax or bool(os.environ.get(DEBUG_ENV))
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
+logging.getLogger("asyncio").addFilter(_QuietOrbax())
+
+
+def _quiet_closed_loops(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """When one write of a save fails, orbax closes that save's event loop while tensorstore still
+    finishes the others; each then reports "Event loop is closed" as an unraisable error from a
+    tensorstore thread (a bare traceback per array). The failure itself reaches the Checkpointer and
+    becomes one line; these echoes are dropped, anything else goes to the previous hook."""
+
+    def unraisablehook(unraisable: Any) -> None:
+        echo = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and threading.current_thread() is not threading.main_thread())
+        if not echo or os.environ.get(DEBUG_ENV):
+            hook(unraisable)
+
+    return unraisablehook
+
+
+sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
 
 class CheckpointSaveError(UserError):
@@ -91,9 +115,12 @@ def _manager_options(keep: int | None, keep_every: int, async_save: bool,
     if keep_every:
         keep_policies.append(policies.EveryNSteps(keep_every))
     delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
-    async_options = None
-    if async_save and delay > 0:
-        async_options = ocp.AsyncOptions(post_finalization_callback=lambda: time.sleep(delay))
+    # Directories are made in save() itself, not in the background: orbax's background mkdir, when it
+    # fails (read-only, full), never sends the "directory created" signal that every item's writer
+    # thread waits for, so those non-daemon threads sat out orbax's 300 s coordination timeout and
+    # kept the process from exiting. Made here, a failed mkdir raises in save() and starts no thread.
+    async_options = ocp.AsyncOptions(create_directories_asynchronously=False, post_finalization_callback=(
+        (lambda: time.sleep(delay)) if async_save and delay > 0 else None))
     return ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
         preservation_policy=policies.AnyPreservationPolicy(keep_policies), async_options=async_options,
@@ -148,6 +175,7 @@ class Checkpointer:
         self.schedule = schedule or SaveSchedule()
         self._pending: int | None = None
         self._last_saved: int | None = None
+        self._save_failed = False
         options = _manager_options(keep, keep_every, async_save, read_only)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -242,6 +270,7 @@ class Checkpointer:
         return True
 
     def _failed(self, step: int | None, error: Exception) -> None:
+        self._save_failed = True
         message = (f"could not write checkpoint {step} in {self.directory} ({_one_line(error)}); "
                    f"the earlier checkpoints are intact (newest complete: {self.latest_step()})")
         if self.on_save_error == "stop":
@@ -332,7 +361,12 @@ class Checkpointer:
         except CheckpointSaveError as e:
             self.log(f"warning: {e}")
             ok = False
-        self._manager.close()
+        try:
+            self._manager.close()
+        except OSError as e:  # orbax's last metadata write, on the storage that may have failed a save
+            if not self._save_failed:  # else that failure was reported already: one line, not two
+                self.log(f"warning: {storage_error(self.directory, e)}")
+            ok = False
         return ok
 
 
