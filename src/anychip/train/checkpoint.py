@@ -104,7 +104,9 @@ class CorruptCheckpoint(Exception):
 def _one_line(error: BaseException, limit: int = 300) -> str:
     text = (str(error) or type(error).__name__).strip().splitlines()
     line = text[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
+    # Cut from the middle: the reason comes first in an OSError ("[Errno 30] Read-only file system: PATH")
+    # and last in tensorstore's ("Error writing PATH: ... [OSError 30: Read-only file system]").
+    return line if len(line) <= limit else f"{line[:limit // 2]} ... {line[-limit // 2:]}"
 
 
 def _manager_options(keep: int | None, keep_every: int, async_save: bool,
