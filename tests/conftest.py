@@ -1,5 +1,12 @@
+import os
+
 import jax
 import pytest
+
+# `compute.dtype=auto` on CPU is bf16 where the CPU has bf16 dot instructions and fp32 elsewhere
+# (jaxenv.cpu_has_bf16): the suite pins fp32 so that its numbers are the same on every CI machine.
+# Subprocesses the tests start inherit it.
+os.environ["ANYCHIP_CPU_BF16"] = "0"
 
 # fp32 matmuls on CPU really are fp32 (XLA CPU may otherwise pick faster, lower-precision paths).
 jax.config.update("jax_default_matmul_precision", "highest")

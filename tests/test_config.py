@@ -84,9 +84,42 @@ def test_a_moved_key_names_its_new_place():
 
 def test_auto_compute_settings_resolve_per_platform():
     auto = Config().compute
-    cpu, tpu = auto.for_platform("cpu", n_layers=4), auto.for_platform("tpu", n_layers=4)
-    assert (cpu.dtype, cpu.layers) == ("float32", "unroll")  # no bf16 units on CPU; unrolled fuses better
-    assert (tpu.dtype, tpu.layers) == ("bfloat16", "scan")
-    assert auto.for_platform("cpu", n_layers=24).layers == "scan"  # deep models keep compile time flat
-    explicit = load_config(None, ["compute.dtype=bfloat16", "compute.layers=scan"]).compute
-    assert explicit.for_platform("cpu", n_layers=4) == explicit
+    cpu, tpu = auto.for_platform("cpu", n_layers=4, seq_len=256), auto.for_platform("tpu", n_layers=4, seq_len=256)
+    # The suite pins ANYCHIP_CPU_BF16=0 (conftest): a CPU without bf16 dots computes in fp32.
+    assert (cpu.dtype, cpu.layers, cpu.attention_block, cpu.loss_chunk) == ("float32", "unroll", 64, 32)
+    assert (tpu.dtype, tpu.layers, tpu.attention_block, tpu.loss_chunk) == ("bfloat16", "scan", 512, 0)
+    assert auto.for_platform("cpu", n_layers=24, seq_len=256).layers == "scan"  # deep models keep compile time flat
+    long = auto.for_platform("cpu", n_layers=4, seq_len=4096)
+    assert long.attention_block == 512  # 64..512: at least 4 key blocks, tiles not so small the loop's overhead shows
+    assert auto.for_platform("cpu", n_layers=4, seq_len=100).loss_chunk == 0  # 32 does not divide: reference loss
+    explicit = load_config(None, ["compute.dtype=bfloat16", "compute.layers=scan", "compute.attention_block=128",
+                                  "compute.loss_chunk=0"]).compute
+    assert explicit.for_platform("cpu", n_layers=4, seq_len=256) == explicit
+
+
+@pytest.mark.parametrize("flags, bf16", [
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n", True),  # Zen 4, Sapphire Rapids
+    ("flags\t\t: fpu sse2 avx2 fma amx_bf16 amx_tile\n", True),
+    ("Features\t: fp asimd bf16 i8mm sve\n", True),  # Arm (Neoverse V1/V2, Graviton 3/4)
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n", False),  # AVX-512 without bf16 (Skylake, Zen 3 has none)
+    ("flags\t\t: fpu sse2 avx2 fma\n", False),
+])
+def test_bf16_dots_are_read_from_the_cpu_flags(tmp_path, monkeypatch, flags, bf16):
+    from anychip.jaxenv import cpu_has_bf16
+
+    monkeypatch.delenv("ANYCHIP_CPU_BF16")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + flags)
+    assert cpu_has_bf16.__wrapped__(str(cpuinfo)) is bf16
+    assert cpu_has_bf16.__wrapped__(str(tmp_path / "missing")) is False
+    monkeypatch.setenv("ANYCHIP_CPU_BF16", "1")
+    assert cpu_has_bf16.__wrapped__(str(cpuinfo)) is True
+
+
+def test_auto_block_and_chunk_are_values_a_config_may_spell():
+    cfg = load_config(None, ["compute.attention_block=auto", "compute.loss_chunk=auto"])
+    assert (cfg.compute.attention_block, cfg.compute.loss_chunk) == ("auto", "auto")
+    with pytest.raises(UserError, match="expected an integer"):
+        load_config(None, ["compute.loss_chunk=fast"])
+    with pytest.raises(UserError, match="must be 0 \\(off\\) or divide"):
+        load_config(None, ["compute.loss_chunk=48", "train.seq_len=256"])

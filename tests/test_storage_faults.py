@@ -186,7 +186,6 @@ def test_read_only_checkpoints_are_found_before_the_first_step(mounts, config, t
     assert (tmp_path / "run" / "lock").read_text() == ""
 
 
-@pytest.mark.slow  # long: the slow job (.ci/long)
 def test_checkpoints_turning_read_only_stop_the_run_within_seconds_in_one_line(mounts, config, tmp_path):
     """The case that used to train to the end, print 12 tracebacks and hang for 5 minutes."""
     run_dir = tmp_path / "run"

@@ -29,6 +29,7 @@ import yaml
 
 from anychip.errors import UserError, require
 from anychip.files import read_text, write_text_atomic
+from anychip.jaxenv import cpu_has_bf16
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ class ComputeConfig:
     """How the step is computed: precision, kernels, what the backward recomputes, compilation."""
 
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """Matmul compute dtype (accumulation, the loss and softmax statistics stay fp32); auto: float32 on CPU
-    (without bf16 units XLA:CPU converts bf16 to fp32 around every op, which is slower), bfloat16 elsewhere."""
+    """Matmul compute dtype (accumulation, the loss and softmax statistics stay fp32); auto: bfloat16, except on
+    a CPU without bf16 dot instructions (AVX512-BF16, AMX), where XLA:CPU converts bf16 to fp32 around every op
+    and fp32 is faster (jaxenv.cpu_has_bf16)."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Master weights (and AdamW state) dtype."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
@@ -225,28 +227,37 @@ class ComputeConfig:
     attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = "auto"
     """Attention kernel: auto picks the chip's fast path (cudnn on NVIDIA, splash on TPU, blockwise elsewhere);
     xla is the reference that keeps T×T scores (docs/attention.md)."""
-    attention_block: int = 512
-    """Query/key tile of the blockwise and splash kernels (splash: a multiple of 128)."""
+    attention_block: int | Literal["auto"] = "auto"
+    """Query/key tile of the blockwise and splash kernels (splash: a multiple of 128); auto: 512, and on CPU
+    T/4 within 64..512: at least four key blocks, so causal block skipping drops 3/8 of the tiles."""
     layers: Literal["auto", "scan", "unroll"] = "auto"
     """The decoder blocks as one `lax.scan` (compile time flat in depth) or unrolled (XLA fuses and lays out
     across blocks; XLA's cost analysis counts a scan's body once, so FLOP counts need unroll); auto: unrolled on CPU
     up to 8 blocks (faster there), scan otherwise."""
-    loss_chunk: int = 0
+    loss_chunk: int | Literal["auto"] = "auto"
     """Positions per chunk of the fused unembedding + cross-entropy, which never holds the whole batch's
-    logits (model/loss.py); 0 = the reference path."""
+    logits (model/loss.py); 0 = the reference path; auto: 32 on CPU where it divides the sequence (each
+    chunk's logits stay in cache), the reference path elsewhere."""
     compile_cache_dir: str | None = "~/.cache/anychip/xla"
     """Persistent XLA compilation cache; null disables it."""
 
     def __post_init__(self) -> None:
-        require(0 < self.attention_block < 2**20, f"compute.attention_block must be positive, got {self.attention_block}")
+        require(self.attention_block == "auto" or 0 < self.attention_block < 2**20,
+                f"compute.attention_block must be positive or auto, got {self.attention_block}")
+        require(self.loss_chunk == "auto" or self.loss_chunk >= 0,
+                f"compute.loss_chunk must be 0 (off), positive or auto, got {self.loss_chunk}")
 
-    def for_platform(self, platform: str, n_layers: int) -> ComputeConfig:
-        """This config with `auto` dtype and layer loop resolved for `platform` ("cpu", "gpu", "tpu", ...)
-        and a model of `n_layers` blocks (docs/model-and-step.md, "CPU")."""
+    def for_platform(self, platform: str, n_layers: int, seq_len: int) -> ComputeConfig:
+        """This config with every `auto` resolved for `platform` ("cpu", "gpu", "tpu", ...), a model of
+        `n_layers` blocks and sequences of `seq_len` (docs/model-and-step.md, "CPU")."""
         cpu = platform == "cpu"
-        dtype = ("float32" if cpu else "bfloat16") if self.dtype == "auto" else self.dtype
-        layers = ("unroll" if cpu and n_layers <= 8 else "scan") if self.layers == "auto" else self.layers
-        return dataclasses.replace(self, dtype=dtype, layers=layers)
+        resolved = {
+            "dtype": "float32" if cpu and not cpu_has_bf16() else "bfloat16",
+            "layers": "unroll" if cpu and n_layers <= 8 else "scan",
+            "attention_block": min(512, max(64, seq_len // 4)) if cpu else 512,
+            "loss_chunk": 32 if cpu and seq_len % 32 == 0 else 0,
+        }
+        return dataclasses.replace(self, **{k: v for k, v in resolved.items() if getattr(self, k) == "auto"})
 
 
 @dataclass(frozen=True)
@@ -411,10 +422,13 @@ class Config:
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
-        require(self.compute.loss_chunk >= 0 and (self.compute.loss_chunk == 0
-                                                  or self.train.seq_len % self.compute.loss_chunk == 0),
+        require(self.compute.loss_chunk in ("auto", 0) or self.train.seq_len % self.compute.loss_chunk == 0,
                 f"compute.loss_chunk={self.compute.loss_chunk} must be 0 (off) or divide "
                 f"train.seq_len={self.train.seq_len}")
+
+    def compute_for(self, platform: str) -> ComputeConfig:
+        """The compute settings with every `auto` resolved for `platform` and this model and sequence length."""
+        return self.compute.for_platform(platform, self.model.n_layers, self.train.seq_len)
 
 
 # Keys that moved to another section: an old config file or override gets told where they went.
@@ -479,7 +493,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        annotation = next(a for a in options if a is not type(None))
+        words = [a for a in options if typing.get_origin(a) is Literal]  # int | Literal["auto"]
+        if any(value in typing.get_args(a) for a in words):
+            return value
+        annotation = next(a for a in options if a is not type(None) and a not in words)
     if annotation is bool:
         require(isinstance(value, bool), f"{key}: expected true or false, got {value!r}")
         return value

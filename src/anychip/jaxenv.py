@@ -13,11 +13,14 @@ on this machine (/dev/nvidia*, /dev/accel*, /dev/vfio/*, /dev/neuron*, /dev/kfd)
   `load_plugins()`, which the target compiler calls, with the libraries' start-up chatter captured.
 
 Machines with an accelerator are left exactly as jax sets them up.
+
+It also answers the one host fact the compute policy needs: whether this CPU has bf16 dot instructions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import importlib.util
 import os
@@ -29,6 +32,9 @@ _ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9
                         "/dev/kfd")
 AOT_MODULES = ("libtpu", "jax_plugins.xla_cuda12")
 _deferred = False
+# CPU flags (Linux /proc/cpuinfo, x86 and Arm spellings) of bf16 dot-product instructions, which XLA:CPU's
+# bf16 dots use; without them every bf16 operand is converted to fp32 and back.
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def aot_installed() -> bool:
@@ -72,6 +78,9 @@ def load_plugins() -> None:
         xla_bridge._plugins_registered = False
         xla_bridge._discover_and_register_pjrt_plugins()
     _deferred = False
+# CPU flags (Linux /proc/cpuinfo, x86 and Arm spellings) of bf16 dot-product instructions, which XLA:CPU's
+# bf16 dots use; without them every bf16 operand is converted to fp32 and back.
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @contextlib.contextmanager
@@ -92,3 +101,18 @@ def captured_stderr() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+@functools.cache
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 dots natively; ANYCHIP_CPU_BF16=0/1 overrides (the test suite pins 0,
+    so that it computes the same on every CI machine). False where the flags cannot be read."""
+    forced = os.environ.get("ANYCHIP_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith(("flags", "Features"))]
+    except OSError:
+        return False
+    return any(_BF16_FLAGS & set(line.partition(":")[2].split()) for line in lines)

@@ -76,7 +76,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3,
     chip = hardware.detect()
     tokens_per_s = t.batch_size * t.seq_len / step_time
     flops_token = flops_per_token(cfg.model, t.seq_len)
-    c = cfg.compute.for_platform(jax.default_backend(), cfg.model.n_layers)
+    c = cfg.compute_for(jax.default_backend())
     return BenchRecord(
         chip=chip.key, device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
         n_devices=jax.device_count(), model=cfg.model, seq_len=t.seq_len, batch_size=t.batch_size,

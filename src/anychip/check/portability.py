@@ -272,9 +272,10 @@ def step_and_inputs(cfg: Config, n_devices: int, concrete: bool = False) -> tupl
 
 def for_platform(cfg: Config, platform: str) -> Config:
     """`auto` compute settings resolve per target platform (cuDNN on CUDA, bf16 off CPU), not per this machine."""
-    c = cfg.compute.for_platform(platform, cfg.model.n_layers)
+    c = cfg.compute_for(platform)
     return replace(cfg, compute={"attention": resolve_attention(c.attention, backend=platform), "dtype": c.dtype,
-                                 "layers": c.layers})
+                                 "layers": c.layers, "attention_block": c.attention_block,
+                                 "loss_chunk": c.loss_chunk})
 
 
 def check_step(cfg: Config, platform: str, n_devices: int, strict: bool = False) -> PlatformReport:

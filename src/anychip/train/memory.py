@@ -41,7 +41,7 @@ def device_memory() -> tuple[float | None, str]:
 
 
 def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step_model.Layout, str]:
-    t, c = cfg.train, cfg.compute.for_platform(jax.default_backend(), cfg.model.n_layers)
+    t, c = cfg.train, cfg.compute_for(jax.default_backend())
     job = step_model.Job(cfg.model, 1, t.seq_len, t.batch_size, 4 if c.dtype == "float32" else 2, c.loss_chunk,
                          c.attention_block)
     remat = "dots" if c.remat == "dots_no_batch" else c.remat  # the planner models none / dots / full

@@ -49,7 +49,7 @@ class Trainer(NamedTuple):
 def model_kwargs(cfg: Config) -> dict[str, Any]:
     """The decoder's compute settings for this config on this backend: dtype, remat policy, layer loop,
     attention kernel, documents."""
-    c = cfg.compute.for_platform(jax.default_backend(), cfg.model.n_layers)
+    c = cfg.compute_for(jax.default_backend())
     compute_dtype = DTYPES[c.dtype]
     # train() sets eot_id from the tokenizer first; callers that only lower the step (check, bench) have no
     # data, and any id gives the same program.
@@ -61,10 +61,10 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
 def loss_fn(params: Any, tokens: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """tokens (B, T+1) → (loss with z-loss, plain cross-entropy)."""
     inputs, targets, z_loss = tokens[:, :-1], tokens[:, 1:], cfg.train.z_loss
-    if cfg.compute.loss_chunk:
+    loss_chunk = cfg.compute_for(jax.default_backend()).loss_chunk
+    if loss_chunk:
         h = hidden_states(params, inputs, cfg.model, **model_kwargs(cfg))
-        return chunked_cross_entropy(h, unembedding(params, cfg.model), targets, chunk=cfg.compute.loss_chunk,
-                                     z_loss=z_loss)
+        return chunked_cross_entropy(h, unembedding(params, cfg.model), targets, chunk=loss_chunk, z_loss=z_loss)
     logits = forward(params, inputs, cfg.model, **model_kwargs(cfg))  # (B, T, V) fp32
     return cross_entropy(logits, targets, z_loss)
 
