@@ -104,6 +104,7 @@ def test_config_files_and_overrides_load_or_fail_in_one_line(tmp_path, examples)
     @example(text=b"optim: {eps: -1}\n", overrides=["train.seed=-1"])
     @example(text=b"model: {preset: [1]}\n", overrides=[])
     @example(text=b"\xff\xfeoptim: {}\n", overrides=[])
+    @example(text=b"", overrides=["\n"])  # quoted user text with a line break: shown escaped, still one line
     @example(text=b"train: [1, 2]\n", overrides=["run_dir="])
     @example(text=b"", overrides=["train.seed=99999999999999999999", "model.d_model=0"])
     def check(text: bytes, overrides: list[str]) -> None:
@@ -163,6 +164,7 @@ def test_price_files_plan_or_fail_in_one_line(tmp_path, capsys, examples):
     @example(text=b"h100:\n  link_gb_s: null\n", chip="h100")
     @example(text=b"h100: {hbm_tb_s: 0, bf16_tflops: {value: 0}}\n", chip="h100")
     @example(text=b"\xffh100: 3\n", chip="h100")
+    @example(text=b'? "\\N"\n: null\n', chip="h100")  # a YAML key that is U+0085, a line break
     def check(text: bytes, chip: str) -> None:
         path = tmp_path / "prices.yaml"
         path.write_bytes(text)
