@@ -78,9 +78,6 @@ def load_plugins() -> None:
         xla_bridge._plugins_registered = False
         xla_bridge._discover_and_register_pjrt_plugins()
     _deferred = False
-# CPU flags (Linux /proc/cpuinfo, x86 and Arm spellings) of bf16 dot-product instructions, which XLA:CPU's
-# bf16 dots use; without them every bf16 operand is converted to fp32 and back.
-_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @contextlib.contextmanager
