@@ -101,7 +101,7 @@ def test_tpu_out_of_memory_is_one_line_and_exit_1():
                 "--target", "tpu-v5e:1")
     assert r.returncode == 1, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if "does not fit" in x]
-    assert len(line) == 1 and "needs" in line[0] and "GiB of 15.8 GiB per chip" in line[0], r.stdout
+    assert len(line) == 1 and "needs" in line[0] and "GiB of 15.8 GiB per device" in line[0], r.stdout
 
 
 def test_tpu_oom_message_parses():
@@ -162,3 +162,18 @@ def test_tpu7x_target_is_chips_with_two_devices_each():
     # libtpu shows each TensorCore as a device: 4 chips = 8 devices of half the chip's 192 GiB each.
     assert len(devices) == 8 and {d.device_kind for d in devices} == {"TPU7x"}
     assert hbm_per_device(target, len(devices)) == pytest.approx(206.2e9 / 2)
+
+
+@AOT
+def test_plan_verify_compiles_the_rows_device_mesh_on_tpu7x():
+    """A TPU7x chip is two devices: the plan's mesh is over 2 × chips devices, and --verify compiles exactly that
+    mesh (a mesh of the chip count would not build on the slice's devices)."""
+    r = anychip("plan", "--model", "tiny", "--tokens", "1e6", "--seq-len", "256", "--batch-size", "16",
+                "--chips", "tpu-7x", "--num-chips", "4", "--verify")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = next(x for x in r.stdout.splitlines() if x.startswith("tpu-7x "))
+    mesh = [int(n) for n in row.split()[2].split("x")]
+    assert mesh[0] * mesh[1] * mesh[2] == 8 and "2 devices per chip" in row, row
+    verified = [x for x in r.stdout.splitlines() if x.startswith("tpu-7x x4")]
+    assert len(verified) == 1 and "per device on 8 devices" in verified[0] and "DOES NOT FIT" not in verified[0], \
+        r.stdout

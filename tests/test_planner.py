@@ -84,17 +84,17 @@ def test_more_fsdp_shards_never_increase_param_memory(name):
         assert per_chip[-1] < per_chip[0] or len(per_chip) == 1
         layouts = [step_model.Layout(1, f, tensor, 1, "full") for f in fsdp_sizes]
         job = step_model.Job(cfg, 1, 256, 4096)
-        states = [step_model.memory_per_chip(job, lay)["states"] for lay in layouts]
+        states = [step_model.memory_per_device(job, lay)["states"] for lay in layouts]
         assert all(b <= a for a, b in itertools.pairwise(states))
     assert step_model.local_params(cfg, 1, 1) == count_params(cfg)
 
 
 def test_remat_and_flash_reduce_activation_memory():
     job = step_model.Job(MODEL_PRESETS["afm-3b"], 1, 4096, 16)
-    mem = {r: step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, r))["activations"]
+    mem = {r: step_model.memory_per_device(job, step_model.Layout(1, 16, 1, 1, r))["activations"]
            for r in step_model.REMATS}
     assert mem["full"] < mem["dots"] < mem["none"]
-    flash = step_model.memory_per_chip(job, step_model.Layout(1, 16, 1, 1, "none"), "flash")["activations"]
+    flash = step_model.memory_per_device(job, step_model.Layout(1, 16, 1, 1, "none"), "flash")["activations"]
     assert flash < mem["none"] / 3  # the T×T scores dominate at T=4096 with the portable attention
 
 
@@ -144,7 +144,7 @@ def test_memory_estimate_matches_xla(cfg, batch, seq, remat):
     xla = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
            - stats.alias_size_in_bytes)
     job = step_model.Job(cfg, 1, seq, batch, compute_bytes=4)
-    est = step_model.memory_per_chip(job, step_model.Layout(1, 1, 1, 1, remat))["total"]
+    est = step_model.memory_per_device(job, step_model.Layout(1, 1, 1, 1, remat))["total"]
     assert est == pytest.approx(xla, rel=0.20), (est / 1e6, xla / 1e6)
 
 
@@ -194,7 +194,7 @@ def test_plan_afm_at_fixed_count():
     assert costs == sorted(costs)
     for r in rows:
         assert r.layout and r.n_chips == 2048 and r.memory_bytes <= step_model.HBM_USABLE * r.hbm_bytes
-        assert r.layout.data * r.layout.fsdp * r.layout.tensor == 2048
+        assert r.layout.data * r.layout.fsdp * r.layout.tensor == 2048 * r.devices_per_chip  # trn2: 4 NeuronCores
         assert r.micro_rows * r.layout.data * r.layout.fsdp * r.layout.grad_accum == 4096
         assert 0 < r.mfu <= r.efficiency + 1e-9  # compute at the chip's default efficiency is the ceiling
         steps = math.ceil(6.3e12 / (4096 * 4096))
@@ -203,6 +203,29 @@ def test_plan_afm_at_fixed_count():
         assert r.cost_usd == pytest.approx(r.wall_s / 3600 * 2048 * chip.price_per_hour)
     table = planner.format_plan_table(rows)
     assert len(table.splitlines()) == 5 and "tpu-v6e" in table
+
+
+@pytest.mark.parametrize("key, per_chip", [("tpu-7x", 2), ("trn2", 4)])
+def test_chips_with_several_devices_are_planned_per_device(key, per_chip):
+    """A mesh is made of JAX devices: N chips of k devices each are planned as N·k devices with 1/k of the chip's
+    HBM, rates and price, so the row's mesh is the one a run on those chips builds (and `--verify` compiles)."""
+    catalog = hardware.load_catalog()
+    chip = catalog[key]
+    assert chip.devices_per_chip == per_chip  # the first device_kinds entry: the default configuration
+    job = planner.make_job("1b", "100B", 4096, batch_size=64)
+    row = planner.best_layout(job, chip, 8)
+    assert row.layout.data * row.layout.fsdp * row.layout.tensor == 8 * per_chip
+    assert row.hbm_bytes == pytest.approx(chip.hbm_bytes / per_chip) and row.devices_per_chip == per_chip
+    assert row.memory_bytes == step_model.memory_per_device(job, row.layout, chip.attention)["total"]
+    assert row.micro_rows * row.layout.data * row.layout.fsdp * row.layout.grad_accum == 64
+    # The same plan as for 8·k single-device chips that are each one such device (price and all).
+    device = chip.per_device()
+    assert device.devices_per_chip == 1 and device.domain == chip.domain * per_chip
+    twin = planner.best_layout(job, device, 8 * per_chip)
+    assert (twin.layout, twin.memory_bytes) == (row.layout, row.memory_bytes)
+    assert twin.step_s == pytest.approx(row.step_s) and twin.cost_usd == pytest.approx(row.cost_usd)
+    assert row.tokens_per_s_per_chip == pytest.approx(per_chip * twin.tokens_per_s_per_chip)
+    assert f"{per_chip} devices per chip" in planner.format_plan_table([row])
 
 
 def test_price_override_scales_cost_linearly(tmp_path):

@@ -263,7 +263,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from anychip.check.compile import verify_plan_row
 
         batch = args.batch_size or planner.make_job(args.model, args.tokens, args.seq_len).batch
-        print("\nverified by the target's compiler (per chip):")
+        print("\nverified by the target's compiler (per device):")
         for row in (r for r in rows if r.layout):
             print(verify_plan_row(args.model, row, args.seq_len, batch), flush=True)
     if args.calibration:

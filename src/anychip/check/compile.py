@@ -260,7 +260,7 @@ def compile_step(cfg: Config, target: Target) -> CompileReport:
         needed, available = oom
         return CompileReport(**common, argument_bytes=math.nan, output_bytes=math.nan, alias_bytes=math.nan,
                              temp_bytes=math.nan, peak_bytes=needed, compile_s=time.perf_counter() - start,
-                             error=f"does not fit: needs {needed / GiB:.1f} GiB of {available / GiB:.1f} GiB per chip")
+                             error=f"does not fit: needs {needed / GiB:.1f} GiB of {available / GiB:.1f} GiB per device")
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     peak, _ = memory.xla_peak_bytes(compiled)
@@ -298,7 +298,10 @@ def plan_config(model: str, row: Any, seq_len: int, batch_size: int) -> Config:
 
 
 def verify_plan_row(model: str, row: Any, seq_len: int, batch_size: int) -> str:
-    """One line: the plan row's layout compiled on its chip, e.g. 'compiled: 61.2 of 95.7 GB per chip'."""
+    """One line: the plan row's layout compiled on its chip, e.g. 'compiled: 61.2 of 95.7 GB per device'.
+
+    Per device like the row's memory (a TPU7x chip is two devices sharing its HBM).
+    """
     name = f"{row.chip} x{row.n_chips} ({row.layout}, remat {row.layout.remat}, accum {row.layout.grad_accum})"
     if row.chip not in TPU_GENERATIONS and row.chip not in GPU_SPECS:
         return f"{name}: not verified: no compiler for {row.chip} here (TPU: {', '.join(TPU_GENERATIONS)}; " \
@@ -307,7 +310,6 @@ def verify_plan_row(model: str, row: Any, seq_len: int, batch_size: int) -> str:
                                                                           parse_target(f"{row.chip}:1").platform))
     if r.error:
         return f"{name}: {r.error}"
-    per_chip = r.devices / row.n_chips  # TPU7x: 2 devices per chip
-    return (f"{name}: compiled: {r.peak_bytes * per_chip / 1e9:.1f} of {r.hbm_bytes * per_chip / 1e9:.1f} GB "
-            f"per chip{'' if r.fits else ' (DOES NOT FIT)'}; planner {row.memory_bytes / 1e9:.1f} GB; "
+    return (f"{name}: compiled: {r.peak_bytes / 1e9:.1f} of {r.hbm_bytes / 1e9:.1f} GB per device on "
+            f"{r.devices} devices{'' if r.fits else ' (DOES NOT FIT)'}; planner {row.memory_bytes / 1e9:.1f} GB; "
             f"{r.compile_s:.0f} s")

@@ -29,7 +29,15 @@ from typing import Any
 import yaml
 
 from anychip.config import ModelConfig, to_dict
-from anychip.cost.hardware import Catalog, Chip, format_columns, get_chip, load_catalog, match_device_kind
+from anychip.cost.hardware import (
+    Catalog,
+    Chip,
+    chips_in_use,
+    format_columns,
+    get_chip,
+    load_catalog,
+    match_device_kind,
+)
 from anychip.cost.step_model import DEFAULT_EFFICIENCY, REMATS, Job, Layout, step_time
 from anychip.errors import UserError
 from anychip.files import read_text
@@ -137,15 +145,11 @@ def sustained(chip: Chip, calibrated: dict[str, float], cfg: ModelConfig | None 
 
 
 def _case(record: BenchRecord, catalog: Catalog) -> tuple[Job, Chip, int, Layout]:
-    """The planner's view of a measured run: job, chip, chip count, layout (over chips, not devices)."""
+    """The planner's view of a measured run: job, one of its devices (`Chip.per_device`), device count, layout."""
     chip = get_chip(record.chip, catalog)
     matched = match_device_kind(record.device_kind, catalog)
-    per_chip = matched.devices_per_chip if matched and matched.key == chip.key else 1
+    chip = matched if matched and matched.key == chip.key else dataclasses.replace(chip, devices_per_chip=1)
     mesh = {a: int(record.mesh.get(a, 1)) for a in ("data", "fsdp", "tensor")}
-    for axis in ("fsdp", "data", "tensor"):  # Neuron: a chip's cores count as one device of the mesh
-        if per_chip > 1 and mesh[axis] % per_chip == 0:
-            mesh[axis] //= per_chip
-            per_chip = 1
     remat = record.remat if record.remat in REMATS else "dots"  # dots_no_batch ≈ dots
     layout = Layout(mesh["data"], mesh["fsdp"], mesh["tensor"], record.grad_accum, remat)
     job = Job(record.model, 1, record.seq_len, record.batch_size, 4 if record.compute_dtype == "float32" else 2,
@@ -194,7 +198,7 @@ def calibration_report(records: Sequence[BenchRecord], catalog: Catalog | None =
         preds = {k: step_time(job, chip, n, layout, v)["step"] if v else None for k, v in preds.items()}
         out.append({
             "chip": chip.key, "model": job.cfg.name, "seq_len": job.seq_len, "batch_size": job.batch,
-            "n_chips": n, "mesh": str(layout), "remat": layout.remat, "measured_s": measured,
+            "n_chips": chips_in_use(chip, n), "mesh": str(layout), "remat": layout.remat, "measured_s": measured,
             "predicted_default_s": preds["default"], "predicted_fit_s": preds["fit"],
             "error_default": None if preds["default"] is None else preds["default"] / measured - 1,
             "error_fit": None if preds["fit"] is None else preds["fit"] / measured - 1,

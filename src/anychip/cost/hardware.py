@@ -59,7 +59,7 @@ class Chip:
     vendor: str = ""
     # Exact jax device_kind strings of this chip → JAX devices per chip.
     device_kinds: Mapping[str, int] = field(default_factory=dict, compare=False)
-    devices_per_chip: int = 1  # of the matched device_kind (Neuron shows NeuronCores, not chips)
+    devices_per_chip: int = 1  # of the matched device_kind, else the first listed (Neuron shows NeuronCores)
     attention: str = "xla"  # "flash"/"splash"/"blockwise": attention=auto's kernel keeps no T×T scores (step_model)
     efficiency: float | None = None  # assumed sustained fraction of peak (uncalibrated default)
     training: bool = True
@@ -69,7 +69,21 @@ class Chip:
     @property
     def peak_flops_per_device(self) -> float | None:
         """Peak of one JAX device: what MFU must divide by when there are several devices per chip."""
-        return None if self.peak_bf16_flops is None else self.peak_bf16_flops / self.devices_per_chip
+        return self.per_device().peak_bf16_flops
+
+    def per_device(self) -> Chip:
+        """One JAX device of this chip as a chip of its own: the unit a mesh, and so the planner, counts in.
+
+        Rates, memory and price are split evenly over the chip's devices (a TPU7x's two TensorCores share
+        its HBM and links), and the scale-up domain is counted in devices.
+        """
+        k = self.devices_per_chip
+        if k == 1:
+            return self
+        split = {name: None if getattr(self, name) is None else getattr(self, name) / k
+                 for name in ("peak_bf16_flops", "peak_fp8_flops", "price_per_hour", "hbm_bytes", "hbm_bw",
+                              "link_bw", "scaleout_bw")}
+        return replace(self, **split, domain=self.domain * k, devices_per_chip=1)
 
     @property
     def usd_per_pflop_hour(self) -> float | None:
@@ -137,6 +151,7 @@ def _apply(chip: Chip, entry: dict[str, Any], where: str, date: str, origin: str
             changes[attr] = _number(value, f"{where}.{name}", scale)
         elif name == "device_kinds":
             changes[name] = _kinds(value, f"{where}.{name}")
+            changes["devices_per_chip"] = next(iter(changes[name].values()), 1)  # the default configuration
         elif name == "training":
             if not isinstance(value, bool):
                 raise UserError(f"{where}.training: expected true or false, got {value!r}")

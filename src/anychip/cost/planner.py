@@ -4,6 +4,10 @@ For each chip: search mesh layouts (data × fsdp × tensor, as `parallel/mesh.py
 accumulation and remat (none / dots / full), drop what does not fit in HBM_USABLE of HBM (the memory
 model in `step_model.py`), keep the fastest (its step-time model, calibrated per chip where records
 exist: `calibration.py`). Rows are sorted by cost; docs/planner.md states every assumption.
+
+Layouts and memory are per JAX device, as a mesh is built: a chip that shows several devices (TPU7x's two
+TensorCores, Trainium's NeuronCores) is planned as that many devices sharing its HBM, links and price
+(`Chip.per_device`), so a row's mesh is the one to train with and `--verify` compiles exactly it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from anychip.config import ModelConfig, load_config
 from anychip.cost.calibration import ASSUMED, BenchRecord, fit_sustained, load_records, sustained
 from anychip.cost.hardware import Catalog, Chip, format_columns, get_chip, load_catalog
-from anychip.cost.step_model import HBM_USABLE, REMATS, Job, Layout, memory_per_chip, step_time
+from anychip.cost.step_model import HBM_USABLE, REMATS, Job, Layout, memory_per_device, step_time
 from anychip.errors import UserError
 from anychip.model.flops import flops_per_token
 
@@ -33,9 +37,10 @@ class PlanRow:
     chip_name: str
     n_chips: int
     layout: Layout | None
-    micro_rows: int = 0  # sequences per chip per microbatch
-    memory_bytes: float = math.nan
+    micro_rows: int = 0  # sequences per device per microbatch
+    memory_bytes: float = math.nan  # per device, as hbm_bytes
     hbm_bytes: float | None = None
+    devices_per_chip: int = 1
     step_s: float = math.inf
     mfu: float | None = None
     tokens_per_s_per_chip: float = 0.0
@@ -104,12 +109,12 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _layouts(job: Job, chip: Chip, n: int, remats: Sequence[str]) -> Iterable[tuple[Layout, int]]:
-    """(layout with grad_accum=1, sequences per chip per step) for each valid data × fsdp × tensor."""
+def _layouts(job: Job, device: Chip, n: int, remats: Sequence[str]) -> Iterable[tuple[Layout, int]]:
+    """(layout with grad_accum=1, sequences per device per step) for each valid data × fsdp × tensor of n devices."""
     cfg = job.cfg
     for t in (1, 2, 4, 8, 16, 32, 64):
         tp_ok = all(x % t == 0 for x in (cfg.n_heads, cfg.n_kv_heads, cfg.d_ff))
-        if t > min(chip.domain, n) or n % t or not tp_ok:
+        if t > min(device.domain, n) or n % t or not tp_ok:
             continue  # TP only inside one scale-up domain, on whole heads and MLP columns
         for f in _divisors(n // t):
             d = n // (t * f)
@@ -120,7 +125,9 @@ def _layouts(job: Job, chip: Chip, n: int, remats: Sequence[str]) -> Iterable[tu
 
 
 def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | None, how: str) -> PlanRow:
-    parts = step_time(job, chip, n, layout, s)
+    """The plan row of `n` chips running `layout` over their devices, at `s` sustained FLOP/s per chip."""
+    k = chip.devices_per_chip
+    parts = step_time(job, chip, n * k, layout, s)
     step = parts["step"]
     steps = math.ceil(job.tokens / (job.batch * job.seq_len))
     wall = steps * step
@@ -129,7 +136,8 @@ def _row(job: Job, chip: Chip, n: int, layout: Layout, s: float, eff: float | No
     return PlanRow(
         chip=chip.key, chip_name=chip.name, n_chips=n, layout=layout,
         micro_rows=job.batch // (layout.data * layout.fsdp * layout.grad_accum),
-        memory_bytes=memory_per_chip(job, layout, chip.attention)["total"], hbm_bytes=chip.hbm_bytes,
+        memory_bytes=memory_per_device(job, layout, chip.attention)["total"], hbm_bytes=chip.per_device().hbm_bytes,
+        devices_per_chip=k,
         step_s=step, mfu=None if not chip.peak_bf16_flops else model_flops / (step * n * chip.peak_bf16_flops),
         tokens_per_s_per_chip=job.batch * job.seq_len / step / n, wall_s=wall, cost_usd=cost,
         usd_per_mtok=None if cost is None else cost / (steps * job.batch * job.seq_len / 1e6),
@@ -143,13 +151,14 @@ def best_layout(job: Job, chip: Chip, n: int, calibrated: dict[str, float] | Non
     s, eff, how = sustained(chip, calibrated or {}, job.cfg)
     if s is None:
         return PlanRow(chip=chip.key, chip_name=chip.name, n_chips=n, layout=None, note="no peak FLOP/s: calibrate or set bf16_tflops")
-    budget = HBM_USABLE * chip.hbm_bytes if chip.hbm_bytes else math.inf
+    device = chip.per_device()
+    budget = HBM_USABLE * device.hbm_bytes if device.hbm_bytes else math.inf
     best: PlanRow | None = None
     untimed = False  # a layout fits but needs a bandwidth the catalog does not know
-    for base, rows in _layouts(job, chip, n, remats):
+    for base, rows in _layouts(job, device, n * chip.devices_per_chip, remats):
         for ga in _divisors(rows):
             layout = replace(base, grad_accum=ga)
-            if memory_per_chip(job, layout, chip.attention)["total"] <= budget:
+            if memory_per_device(job, layout, chip.attention)["total"] <= budget:
                 row = _row(job, chip, n, layout, s, eff, how)
                 untimed |= not math.isfinite(row.step_s)
                 if math.isfinite(row.step_s) and (best is None or row.step_s < best.step_s):
@@ -268,13 +277,14 @@ def format_plan_table(rows: Sequence[PlanRow]) -> str:
             continue
         hbm = "?" if r.hbm_bytes is None else f"{r.hbm_bytes / 1e9:.0f}"
         eff = _efficiency_note(r)
+        per_device = f"{r.devices_per_chip} devices per chip, mesh and memory per device" if r.devices_per_chip > 1 else ""
         out.append((
             r.chip, f"{r.n_chips:,}", str(r.layout), f"{r.micro_rows} x {r.layout.grad_accum}",
             r.layout.remat, f"{r.memory_bytes / 1e9:.0f}/{hbm}", f"{r.step_s:.2f}",
             "-" if r.mfu is None else f"{100 * r.mfu:.0f}%", f"{r.tokens_per_s_per_chip:,.0f}",
             f"{r.wall_s / 86400:.1f}", "unknown" if r.cost_usd is None else f"${r.cost_usd:,.0f}",
             "-" if r.usd_per_mtok is None else f"{r.usd_per_mtok:.3f}",
-            ", ".join(x for x in (eff, r.note) if x),
+            ", ".join(x for x in (eff, per_device, r.note) if x),
         ))
     return format_columns(out, left={0, 2, 4, 12})
 

@@ -1,8 +1,9 @@
-"""The planner's model of one train step on one chip: memory per chip and step time, for a job (model,
-sequence length, global batch) and a layout (mesh data × fsdp × tensor, grad accumulation, remat).
+"""The planner's model of one train step on one device: memory per device and step time, for a job (model,
+sequence length, global batch) and a layout (mesh data × fsdp × tensor, grad accumulation, remat). The
+`Chip` it is given is one JAX device (`Chip.per_device`: a chip with several devices is split evenly).
 Assumptions (docs/planner.md; none is a measurement):
 
-Memory per chip
+Memory per device
   * fp32 params, grads and AdamW m, v: 16 B per local parameter, +4 B for the grad accumulator when
     grad_accum > 1 (train/step.py); params shard as `parallel.mesh.PARAM_RULES` says (non-dividing:
     replicated).
@@ -86,7 +87,7 @@ class Layout:
 
 @lru_cache(maxsize=4096)
 def local_params(cfg: ModelConfig, fsdp: int, tensor: int) -> float:
-    """Parameters held per chip under parallel.mesh.PARAM_RULES (non-dividing axes stay replicated)."""
+    """Parameters held per device under parallel.mesh.PARAM_RULES (non-dividing axes stay replicated)."""
     sizes = {"fsdp": fsdp, "tensor": tensor}
     total = 0.0
     for spec in param_table(cfg).values():
@@ -124,7 +125,7 @@ def _residuals(cfg: ModelConfig, T: int, remat: str, b: int, flash: bool, lane: 
 
 
 def _act_per_token(job: Job, remat: str, tensor: int, attention: str) -> tuple[float, float]:
-    """(bytes held per token across the whole backward, bytes saved per token) for one chip."""
+    """(bytes held per token across the whole backward, bytes saved per token) for one device."""
     cfg, b, flash = job.cfg, job.compute_bytes, attention != "xla"
     lane = _lane_padding(cfg) if attention == "splash" else 1.0
     rep, shard = _residuals(cfg, job.seq_len, remat, b, flash, lane)
@@ -162,8 +163,8 @@ def _blockwise_tiles(job: Job, tensor: int) -> float:
     return 8 * heads * min(job.attention_block, job.seq_len) ** 2
 
 
-def memory_per_chip(job: Job, layout: Layout, attention: str = "xla") -> dict[str, float]:
-    """Predicted peak bytes per chip, by component (see the module docstring); attention: Chip.attention's kinds."""
+def memory_per_device(job: Job, layout: Layout, attention: str = "xla") -> dict[str, float]:
+    """Predicted peak bytes per device, by component (see the module docstring); attention: Chip.attention's kinds."""
     cfg, b, t, f = job.cfg, job.compute_bytes, layout.tensor, layout.fsdp
     rows = job.batch / (layout.data * f * layout.grad_accum)
     p = local_params(cfg, f, t)
@@ -204,22 +205,24 @@ def _collective_s(nbytes: float, split: tuple[int, int], chip: Chip, calls: int 
 
 
 def step_time(job: Job, chip: Chip, n: int, layout: Layout, sustained_flops: float) -> dict[str, float]:
-    """Predicted seconds per optimizer step, with its parts (module docstring)."""
+    """Predicted seconds per optimizer step on `n` JAX devices of `chip`s, each chip sustaining `sustained_flops`,
+    with its parts (module docstring). A chip of k devices lends each 1/k of its rates (`Chip.per_device`)."""
+    device, sustained_flops = chip.per_device(), sustained_flops / chip.devices_per_chip
     cfg, b = job.cfg, job.compute_bytes
     t, f, ga, L = layout.tensor, layout.fsdp, layout.grad_accum, cfg.n_layers
-    tok_mb = job.batch * job.seq_len / (layout.data * f * ga)  # tokens per chip (group) per microbatch
+    tok_mb = job.batch * job.seq_len / (layout.data * f * ga)  # tokens per device (group) per microbatch
     T = job.seq_len
     fpt = flops_per_token(cfg, T) + recompute_flops_per_token(cfg, T, layout.remat)
     compute = fpt * tok_mb / t / sustained_flops
-    hbm_bw = (chip.hbm_bw or 0) * HBM_EFF
-    p_group = local_params(cfg, 1, t)  # params a chip computes with (gathered over fsdp)
-    _, saved = _act_per_token(job, layout.remat, t, chip.attention)
+    hbm_bw = (device.hbm_bw or 0) * HBM_EFF
+    p_group = local_params(cfg, 1, t)  # params a device computes with (gathered over fsdp)
+    _, saved = _act_per_token(job, layout.remat, t, device.attention)
     hbm = (12 * p_group + 3 * saved * tok_mb) / hbm_bw if hbm_bw else 0.0  # weights r/w, acts w+r+grad
-    sp = _splits(chip, n, layout)
+    sp = _splits(device, n, layout)
     # Per layer: FSDP all-gathers (fwd, bwd) + reduce-scatter, the DP all-reduce of the grad shard.
-    fsdp = 3 * _collective_s(b * p_group, sp["fsdp"], chip, L) \
-        + 2 * _collective_s(b * p_group / f, sp["data"], chip, L)
-    tp = 2 * _collective_s(4 * L * tok_mb * cfg.d_model * b, sp["tensor"], chip, 4 * L)  # 4 all-reduces/layer
+    fsdp = 3 * _collective_s(b * p_group, sp["fsdp"], device, L) \
+        + 2 * _collective_s(b * p_group / f, sp["data"], device, L)
+    tp = 2 * _collective_s(4 * L * tok_mb * cfg.d_model * b, sp["tensor"], device, 4 * L)  # 4 all-reduces/layer
     micro = max(compute, hbm, fsdp) + fsdp / L + tp
     opt = 28 * local_params(cfg, f, t) / hbm_bw if hbm_bw else 0.0  # read p, g, m, v; write p, m, v
     return {"step": ga * micro + opt, "compute": ga * compute, "hbm": ga * hbm, "fsdp": ga * fsdp,

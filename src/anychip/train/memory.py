@@ -2,7 +2,7 @@
 analysis after it, the device's capacity, and `train.auto_fit`, which picks the microbatch
 (train.grad_accum) and the remat policy (compute.remat) so the step fits.
 
-The estimate is `step_model.memory_per_chip` for this run's mesh (one model of memory in the code
+The estimate is `step_model.memory_per_device` for this run's mesh (one model of memory in the code
 base, not two); its fp32 "states" (16 B per local parameter, +4 B for the gradient accumulator) are
 shown split as params 4 B, grads 4 (+4) B and AdamW moments 8 B. XLA's analysis after compiling
 is the truth on the backend at hand; the two are printed side by side so a bad estimate shows.
@@ -54,7 +54,7 @@ def _job_layout(cfg: Config, mesh: dict[str, int]) -> tuple[step_model.Job, step
 def estimate(cfg: Config, mesh: dict[str, int]) -> dict[str, float]:
     """Predicted peak bytes per device by part: params, grads, optimizer, activations (and transients)."""
     job, layout, attention = _job_layout(cfg, mesh)
-    parts = step_model.memory_per_chip(job, layout, attention)
+    parts = step_model.memory_per_device(job, layout, attention)
     p = step_model.local_params(cfg.model, layout.fsdp, layout.tensor)
     return {
         "params": 4 * p, "grads": (8 if layout.grad_accum > 1 else 4) * p, "optimizer": 8 * p,
@@ -106,7 +106,7 @@ def _candidates(cfg: Config, mesh: dict[str, int], budget: float) -> list[step_m
     for remat in step_model.REMATS:
         for accum in (d for d in range(1, rows + 1) if rows % d == 0):
             layout = replace(base, remat=remat, grad_accum=accum)
-            if step_model.memory_per_chip(job, layout, attention)["total"] <= budget:
+            if step_model.memory_per_device(job, layout, attention)["total"] <= budget:
                 fits.append(layout)
                 break  # more microbatches than needed only add passes over the weights
     return fits
