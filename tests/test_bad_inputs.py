@@ -1,7 +1,7 @@
-"""The bad-input suite: generated config files and overrides, price files, Hugging Face model directories
-(config.json, index files, safetensors headers) and CLI arguments. Each either works, or stops with one
-line (a UserError; exit 2 at the CLI) before any compute. Never another exception (a traceback), and
-nothing on disk changes: inputs keep their bytes, no output appears.
+"""The bad-input suite: generated config files and overrides, data mixtures, price files, Hugging Face
+model directories (config.json, index files, safetensors headers) and CLI arguments. Each either works,
+or stops with one line (a UserError; exit 2 at the CLI) before any compute. Never another exception (a
+traceback), and nothing on disk changes: inputs keep their bytes, no output appears.
 
 Hypothesis generates the inputs (derandomized in the default suite, so it is reproducible, with a
 modest number of examples each; the `slow` job runs the same properties with many more, randomized).
@@ -18,13 +18,14 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from anychip import cli
 from anychip.config import ModelConfig, all_keys, load_config, save_config, to_dict
 from anychip.cost.hardware import FIELDS
+from anychip.data.prepare import prepare
 from anychip.data.tokenizer import save_tokenizer, train_tokenizer
 from anychip.errors import UserError
 from anychip.interop.hf import hf_config, hf_state_dict, import_hf, read_safetensors, weight_files
@@ -173,6 +174,101 @@ def test_price_files_plan_or_fail_in_one_line(tmp_path, capsys, examples):
         assert_cli_outcome(*run_cli(capsys, "plan", "--model", "125m", "--tokens", "1B", "--seq-len", "1024",
                                     "--chips", chip, "--num-chips", "16", "--prices", str(path)))
         assert snapshot(tmp_path) == before
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mixtures and storage URLs, from a config file to the opened datasets
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory) -> Path:
+    """Prepared dirs `a` and `b` (one tokenizer), `other` (its own tokenizer), a plain file and an empty folder."""
+    root = tmp_path_factory.mktemp("mixture_bad_inputs")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / f"{name}_src").mkdir()
+        for i in range(6):
+            (root / f"{name}_src" / f"{i}.txt").write_text(" ".join(rng.choice(["alpha", "beta", "gamma", name], 80)))
+    quiet = {"val_fraction": 0.3, "log": lambda _: None}
+    prepare([str(root / "a_src"), str(root / "b_src")], root / "both", vocab_size=300, **quiet)
+    for name in ("a", "b"):
+        prepare([str(root / f"{name}_src")], root / name, tokenizer=str(root / "both" / "tokenizer.json"), **quiet)
+    prepare([str(root / "b_src")], root / "other", vocab_size=280, **quiet)
+    (root / "notes.txt").write_text("not a data dir")
+    (root / "empty").mkdir()
+    return root
+
+
+# Names under the fixture's folder (made absolute by the test), URLs of it, and the ways a path goes wrong.
+# Remote stores are only in the @examples: each costs a connection attempt.
+MIX_NAMES = st.sampled_from(["a", "b", "other", "file://a", "file://b", "missing", "notes.txt", "empty", "",
+                             " ", "ftp://host/a", "a/../b", "a/"])
+MIX_ENTRIES = st.one_of(
+    # well-formed lists over meaningful paths, with positive weights: these reach the datasets
+    st.lists(st.fixed_dictionaries({"path": MIX_NAMES, "weight": st.floats(1e-3, 1e3) | st.integers(1, 10)}),
+             min_size=1, max_size=3),
+    # anything else a YAML list of entries can hold
+    st.lists(st.fixed_dictionaries({"path": MIX_NAMES | st.text(max_size=6), "weight": SCALARS},
+                                   optional={"extra": SCALARS}) | VALUES, max_size=3),
+    VALUES,
+)
+
+
+def _absolute(root: Path, entries: object) -> object:
+    """Entries with fixture names turned into absolute paths (URLs and odd values kept as they are)."""
+    if not isinstance(entries, list):
+        return entries
+    out = []
+    for e in entries:
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"].strip():
+            path = e["path"]
+            e = {**e, "path": f"file://{root / path[7:]}" if path.startswith("file://")
+                 else path if "://" in path else str(root / path)}
+        out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_mixtures_open_or_fail_in_one_line(data_dirs, tmp_path, monkeypatch, examples):
+    """data.mixture (inline in a config file, or a YAML file of its own) opens as train and val datasets whose
+    batches hold the tokenizer's ids, or stops in one line; nothing under the data dirs changes."""
+    from anychip.train.data import data_dir_for, open_datasets
+
+    # An S3 store that refuses connections at once: `cannot reach`, without waiting on the internet.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    before = snapshot(data_dirs)
+
+    @property_settings(examples)
+    @given(entries=MIX_ENTRIES, as_file=st.booleans())
+    @example(entries=[{"path": "a", "weight": 3}, {"path": "b", "weight": 1}], as_file=False)
+    @example(entries=[{"path": "a", "weight": 1.0e308}, {"path": "b", "weight": 1.0e308}], as_file=True)
+    @example(entries=[{"path": "a", "weight": 1}, {"path": "a", "weight": 2}], as_file=False)
+    @example(entries=[{"path": "a", "weight": 1}, {"path": "other", "weight": 1}], as_file=False)
+    @example(entries=[{"path": "s3://bucket/a", "weight": 1}], as_file=False)
+    @example(entries=[{"path": "gs://bucket/a", "weight": 1}], as_file=True)
+    @example(entries=[{"path": "a", "weight": float("nan")}], as_file=False)
+    def check(entries: object, as_file: bool) -> None:
+        assume(entries is not None)  # no mixture: the built-in corpus, not this test's subject
+        mixture = _absolute(data_dirs, entries)
+        if as_file:
+            (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+            mixture = str(tmp_path / "mix.yaml")
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": {"mixture": mixture}}))
+        try:
+            cfg = load_config(tmp_path / "config.yaml")
+            train, val = open_datasets(cfg, data_dir_for(cfg))
+        except UserError as e:
+            assert_one_line(e)
+        else:
+            assert np.all(train.weights > 0) and train.weights.sum() == pytest.approx(1.0, abs=1e-12)
+            for ds in (train, val):
+                rows = ds.batch(0, 4, 8, seed=0)
+                assert rows.shape == (4, 9) and 0 <= rows.min() and rows.max() < ds.vocab_size
+        assert snapshot(data_dirs) == before
 
     check()
 

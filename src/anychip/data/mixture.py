@@ -47,13 +47,19 @@ def parse_mixture(spec: str) -> list[dict[str, Any]]:
     require(isinstance(entries, list) and len(entries) > 0,
              "data.mixture must be a non-empty list of {path, weight}")
     for entry in entries:
-        require(isinstance(entry, dict) and set(entry) == {"path", "weight"} and isinstance(entry["path"], str),
+        require(isinstance(entry, dict) and set(entry) == {"path", "weight"} and isinstance(entry["path"], str)
+                and entry["path"].strip() != "",
                  f"data.mixture: each entry needs exactly a path and a weight, got {entry!r}")
         weight = entry["weight"]
         require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < float("inf"),
                  f"data.mixture: weight of {entry['path']} must be a positive number, got {weight!r}")
-    total = float(sum(e["weight"] for e in entries))
-    return [{"path": e["path"], "weight": e["weight"] / total} for e in entries]
+    paths = [e["path"] for e in entries]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    require(not twice, f"data.mixture lists {', '.join(twice)} more than once: give each data dir one weight")
+    # Scaled by the largest first, so that weights near the float maximum do not sum to inf.
+    largest = max(float(e["weight"]) for e in entries)
+    scaled = [float(e["weight"]) / largest for e in entries]
+    return [{"path": e["path"], "weight": w / sum(scaled)} for e, w in zip(entries, scaled)]
 
 
 class MixtureDataset:
