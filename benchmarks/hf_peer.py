@@ -1,7 +1,9 @@
 """The peer: Hugging Face transformers LlamaForCausalLM trained at the same shape, batch and length.
 
 Setup as in the throughput issue: bf16 autocast, SDPA attention, fused AdamW (CUDA; foreach on
-CPU), torch.compile. Prints one JSON record on stdout. Used by benchmarks/throughput.py.
+CPU), torch.compile. `--dtype float32` drops the autocast: on a CPU without bf16 dot instructions torch's
+bf16 path is many times slower than fp32, and fp32 is what anychip's `auto` runs there. Prints one JSON
+record on stdout. Used by benchmarks/throughput.py.
 
     python benchmarks/hf_peer.py --model 1b --batch-size 8 --seq-len 2048
 """
@@ -33,6 +35,7 @@ def main() -> None:
     parser = shape_parser(__doc__)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -45,7 +48,7 @@ def main() -> None:
     batch = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
 
     def step() -> torch.Tensor:
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             loss = forward(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
         loss.backward()
         optimizer.step()
@@ -71,7 +74,7 @@ def main() -> None:
         "tokens_per_s": tokens_per_s, "warmup_and_compile_s": warmup_s, "loss": float(loss),
         "flops_per_token": flops_per_token(MODEL_PRESETS[args.model], args.seq_len),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "dtype": args.dtype,
     }))
 
 

@@ -74,6 +74,8 @@ def run_variant(args, variant: list[str], tmp: Path) -> dict:
 def main() -> None:
     parser = shape_parser(__doc__)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--peer-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the peer's compute: bf16 autocast (the issue's setup) or fp32 (benchmarks/hf_peer.py)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the peer and every variant")
     parser.add_argument("--cpus", help="taskset core list for every run, e.g. 0 (default: no pinning)")
     parser.add_argument("--variant", action="append", type=shlex.split,
@@ -86,7 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             if not args.skip_peer:
-                peers.append(run_json([*pinned(args), sys.executable, str(HERE / "hf_peer.py"), "--model", args.model, *shape]))
+                peers.append(run_json([*pinned(args), sys.executable, str(HERE / "hf_peer.py"), "--model", args.model, *shape,
+                                       "--dtype", args.peer_dtype]))
                 print(f"transformers: {peers[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             rounds.append([run_variant(args, variant, Path(tmp)) for variant in variants])
             loads.append(os.getloadavg()[0])
