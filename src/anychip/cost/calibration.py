@@ -145,7 +145,8 @@ def sustained(chip: Chip, calibrated: dict[str, float], cfg: ModelConfig | None 
 
 
 def _case(record: BenchRecord, catalog: Catalog) -> tuple[Job, Chip, int, Layout]:
-    """The planner's view of a measured run: job, one of its devices (`Chip.per_device`), device count, layout."""
+    """The planner's view of a measured run: job, chip (with the devices per chip it ran with), device count,
+    layout (the recorded device mesh)."""
     chip = get_chip(record.chip, catalog)
     matched = match_device_kind(record.device_kind, catalog)
     chip = matched if matched and matched.key == chip.key else dataclasses.replace(chip, devices_per_chip=1)

@@ -1,6 +1,6 @@
 """The planner's model of one train step on one device: memory per device and step time, for a job (model,
-sequence length, global batch) and a layout (mesh data × fsdp × tensor, grad accumulation, remat). The
-`Chip` it is given is one JAX device (`Chip.per_device`: a chip with several devices is split evenly).
+sequence length, global batch) and a layout (mesh data × fsdp × tensor, grad accumulation, remat). A mesh
+counts JAX devices: `step_time` splits a chip of several devices evenly (`Chip.per_device`).
 Assumptions (docs/planner.md; none is a measurement):
 
 Memory per device

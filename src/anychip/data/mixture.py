@@ -59,7 +59,8 @@ def parse_mixture(spec: str) -> list[dict[str, Any]]:
     # Scaled by the largest first, so that weights near the float maximum do not sum to inf.
     largest = max(float(e["weight"]) for e in entries)
     scaled = [float(e["weight"]) / largest for e in entries]
-    return [{"path": e["path"], "weight": w / sum(scaled)} for e, w in zip(entries, scaled)]
+    total = sum(scaled)
+    return [{"path": e["path"], "weight": w / total} for e, w in zip(entries, scaled)]
 
 
 class MixtureDataset:
