@@ -7,6 +7,7 @@ prompt, --max-tokens greedy tokens, ignore_eos where the server knows it), measu
 tokens/s = completion tokens of all requests / wall time, and each request's latency p50 / p99.
 `transformers serve` runs without and, where it works, with its --continuous-batching; it is started
 with HF_HUB_OFFLINE=1 (nothing is downloaded). Each server gets one untimed warm-up request.
+The transformers peers need its serving extra beside the test extra: `pip install fastapi accelerate`.
 
     python benchmarks/serve_bench.py                      # CPU: the demo model (3M), fp32
     python benchmarks/serve_bench.py --model 125m --clients 1,8,32 --max-tokens 128

@@ -25,7 +25,8 @@ import numpy as np
 import openai
 import pytest
 
-from anychip.model.decoder import forward
+from anychip.interop.engine import _decode_step, _rows, _sampling_arrays
+from anychip.model.decoder import forward, init_cache
 from anychip.model.generate import generate, generate_text
 from anychip.train.run_dir import RunDir, load_run
 
@@ -172,6 +173,24 @@ def test_16_concurrent_requests_share_decode_steps(client, server, model):
     # One at a time would take 16 × 11 decode steps (each request's first token comes from its prefill);
     # 4 slots shared bring it to about a quarter. Half is a bound that admission gaps cannot reach.
     assert server.get("/health")["steps"] - steps <= 16 * 11 // 2
+
+
+def test_a_decode_step_computes_only_the_occupied_slots(model):
+    """One request alone must not pay for a full batch of slots: a step covers the slots up to the last
+    occupied one (rounded up to a power of two), and its compiled program does that many rows' work."""
+    assert [_rows(r) for r in ([1, None, None, None], [None, 1, None, None], [1, None, 1, None],
+                               [None] * 5 + [1])] == [1, 2, 4, 6]
+    cfg, params, _ = model
+    cache = init_cache(cfg, 4, 64, jnp.float32)
+    flops = {}
+    for rows in (1, 4):
+        idle = np.zeros(rows, np.int32)
+        compiled = _decode_step.lower(params, cache, idle, idle, _sampling_arrays([None] * rows, [0] * rows), cfg=cfg,
+                                      compute_dtype=jnp.float32, length=64, top_k_cap=0, use_top_p=False).compile()
+        flops[rows] = compiled.cost_analysis()["flops"]
+    # Every op but the any() over the rows' temperatures is per-row work, so 4 rows cost 4x one row; a step
+    # of all 4 slots regardless of occupancy gives 1.0x, a partly shared step well under 3.6x.
+    assert 3.6 <= flops[4] / flops[1] <= 4.05, flops
 
 
 def test_echo_with_logprobs_scores_the_prompt_like_the_forward_pass(client, model):

@@ -3,15 +3,19 @@
 The cache holds `slots` sequences of up to `max_seq_len` tokens each (decoder.KVCache, (L, slots, KV, S,
 hd)). A new request is prefilled into a free slot (one compiled prefill per power-of-two prompt length);
 then every step decodes one token for every occupied slot at once, so N concurrent requests cost about
-one step per token instead of N. Cache slot s of a row holds position s, and each row attends only up to
-its own position, so rows at different lengths share a step and a row never sees what an earlier request
-left in its slot. A sequence leaves its slot at an end-of-sequence token, at its token budget, or when it
+one step per token instead of N. A step computes the first R slots only, R the occupied slots' extent
+rounded up to a power of two (new requests take the lowest free slot), and attends over the longest
+sequence's length rounded the same way: one request alone costs a one-row step, not a full batch. Cache
+slot s of a row holds position s, and each row attends only up to its own position, so rows at different
+lengths share a step and a row never sees what an earlier request left in its slot. A sequence leaves its slot at an end-of-sequence token, at its token budget, or when it
 is cancelled (a client that went away), and a waiting request takes the slot at the next step. Requests
 wait in a bounded queue; a full queue refuses new ones (the server's 429).
 
 Sampling runs per row (temperature, top-k, top-p and seed of each request; greedy at temperature 0), and
 the random key of a request's i-th token is fold_in(key(seed), i): a seeded request gets the same tokens
-whatever else is running. Reported log-probabilities are those of the model's distribution before
+whatever else is running (up to the float rounding of a step with another row count). A step where no row
+samples skips the random draw (on a CPU, the Gumbel noise for 32 × 8,192 logits costs more than the
+model). Reported log-probabilities are those of the model's distribution before
 temperature and filtering, as OpenAI-compatible servers report them.
 
 One thread runs the loop and owns the cache. `submit` may be called from any thread; a request's events
@@ -134,16 +138,20 @@ def _choose(logits: jax.Array, sampling: tuple[jax.Array, ...], top_k_cap: int, 
     top_k, top_p), one entry per row."""
     seeds, steps, temperature, top_k, top_p = sampling
     logp = jax.nn.log_softmax(logits, axis=-1)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-    filtered = filter_logits(logits, temperature, top_k, top_p, top_k_cap=top_k_cap, use_top_p=use_top_p)
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-    token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+        filtered = filter_logits(logits, temperature, top_k, top_p, top_k_cap=top_k_cap, use_top_p=use_top_p)
+        return jnp.where(temperature > 0, jax.vmap(jax.random.categorical)(keys, filtered), greedy).astype(jnp.int32)
+
+    token = jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
     top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-def _prefix(cache: KVCache, length: int) -> KVCache:
-    return KVCache(*(c[:, :, :, :length] for c in cache))
+def _prefix(cache: KVCache, length: int, rows: int | None = None) -> KVCache:
+    return KVCache(*(c[:, :rows, :, :length] for c in cache))
 
 
 def _put_prefix(cache: KVCache, part: KVCache, slot: jax.Array | int = 0) -> KVCache:
@@ -176,13 +184,26 @@ def _prefill(params: Params, cache: KVCache, slot: jax.Array, tokens: jax.Array,
 def _decode_step(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
                  sampling: tuple[jax.Array, ...], *, cfg: ModelConfig, compute_dtype: Any, length: int,
                  top_k_cap: int, use_top_p: bool):
-    """One token for every slot: tokens (B,) at positions (B,), all < `length` → the cache and `_choose`'s
-    outputs. Attention reads the cache's first `length` positions only: a step costs what the longest
-    sequence needs (rounded up to a power of two), not the whole cache."""
-    part = _prefix(cache, length)
+    """One token for each of the first R slots, R = len(tokens): tokens (R,) at positions (R,), all <
+    `length` → the cache and `_choose`'s outputs. Only those rows and the cache's first `length` positions
+    are read and written: a step costs what its occupied slots and its longest sequence need, not the
+    whole cache."""
+    part = _prefix(cache, length, tokens.shape[0])
     h, part = cached_hidden_states(params, tokens[:, None], positions[:, None], part, cfg,
                                    compute_dtype=compute_dtype)  # (B, 1, D)
     return _put_prefix(cache, part), _choose(unembed(params, h[:, 0], cfg), sampling, top_k_cap, use_top_p)
+
+
+def _rows(running: list[Any]) -> int:
+    """Rows a step computes: up to the last occupied slot, rounded up to a power of two (one compiled step
+    per row bucket), at most the slot count."""
+    last = max(i for i, seq in enumerate(running) if seq is not None)
+    return min(1 << last.bit_length(), len(running))
+
+
+def _row_buckets(slots: int) -> list[int]:
+    """Every value `_rows` can take for `slots` slots."""
+    return sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
 
 
 def _sampling_arrays(requests: list[Request | None], steps: list[int]) -> tuple[np.ndarray, ...]:
@@ -277,19 +298,20 @@ class Engine:
         return seq.handle
 
     def warm_up(self) -> float:
-        """Before `start`: compile the shortest prompt bucket and the decode step at every cache length, so
-        no client waits for a compilation of the common path (greedy or plain temperature sampling).
-        Returns the seconds it took."""
+        """Before `start`: compile the shortest prompt bucket and the decode step for every row bucket and
+        cache length, so no client waits for a compilation of the common path (greedy or plain temperature
+        sampling). Returns the seconds it took."""
         assert not self._thread.is_alive(), "warm up before start()"
         t0 = time.perf_counter()
         self._prefill(0, _Sequence(Request((0,), max_tokens=0), lambda _: None, Handle()))
-        idle, sampling = np.zeros(self.slots, np.int32), _sampling_arrays([None] * self.slots, [0] * self.slots)
-        length = 0
-        while length < self.max_seq_len:
-            length = min(_bucket(length + 1), self.max_seq_len)
-            self.cache, out = _decode_step(self.params, self.cache, idle, idle, sampling, cfg=self.cfg,
-                                           compute_dtype=self.compute_dtype, length=length,
-                                           **_filters([], self.cfg.vocab_size))
+        for rows in _row_buckets(self.slots):
+            idle, sampling = np.zeros(rows, np.int32), _sampling_arrays([None] * rows, [0] * rows)
+            length = 0
+            while length < self.max_seq_len:
+                length = min(_bucket(length + 1), self.max_seq_len)
+                self.cache, out = _decode_step(self.params, self.cache, idle, idle, sampling, cfg=self.cfg,
+                                               compute_dtype=self.compute_dtype, length=length,
+                                               **_filters([], self.cfg.vocab_size))
         jax.block_until_ready(out)
         return time.perf_counter() - t0
 
@@ -344,16 +366,17 @@ class Engine:
         self._advance(slot, *(np.asarray(x)[0] for x in first))
 
     def _step(self) -> None:
-        tokens = np.array([s.last if s else 0 for s in self.running], np.int32)
-        positions = np.array([s.position if s else 0 for s in self.running], np.int32)
-        sampling = _sampling_arrays([s and s.request for s in self.running], [s.generated if s else 0 for s in self.running])
-        requests = [s.request for s in self.running if s is not None]
+        batch = self.running[:_rows(self.running)]
+        tokens = np.array([s.last if s else 0 for s in batch], np.int32)
+        positions = np.array([s.position if s else 0 for s in batch], np.int32)
+        sampling = _sampling_arrays([s and s.request for s in batch], [s.generated if s else 0 for s in batch])
+        requests = [s.request for s in batch if s is not None]
         length = min(_bucket(int(positions.max()) + 1), self.max_seq_len)
         self.cache, out = _decode_step(self.params, self.cache, tokens, positions, sampling, cfg=self.cfg,
                                        compute_dtype=self.compute_dtype, length=length, **_filters(requests, self.cfg.vocab_size))
         token, logprob, top_ids, top_lp = (np.asarray(x) for x in out)
         self.steps += 1
-        for slot, seq in enumerate(self.running):
+        for slot, seq in enumerate(batch):
             if seq is not None:
                 self._advance(slot, token[slot], logprob[slot], top_ids[slot], top_lp[slot])
 
