@@ -1,6 +1,7 @@
 """Properties of the decoder that must hold whatever the weights: causality, GQA, RoPE, gradients."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 from anychip.config import MODEL_PRESETS, ModelConfig
 from anychip.model.attention import xla_attention
-from anychip.model.decoder import apply_rope, forward, rope_tables
+from anychip.model.decoder import _REMAT_POLICIES, apply_rope, decoder_block, dense, forward, rope_tables
 from anychip.model.loss import cross_entropy
 from anychip.model.params import count_params, init_params, param_shapes
 
@@ -129,6 +130,56 @@ def test_remat_policies_do_not_change_gradients(key, remat):
     got = jax.grad(loss)(params, remat)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec, n_in", [("btd,df->btf", 1), ("bthk,hkd->btd", 2)])
+def test_dense_computes_the_einsum_and_its_gradients(key, spec, n_in):
+    x_shape, w_shape = {1: ((2, 16, 24), (24, 40)), 2: ((2, 16, 3, 8), (3, 8, 24))}[n_in]
+    x, w = (jax.random.normal(k, s) for k, s in zip(jax.random.split(key), (x_shape, w_shape)))
+    dy = jax.random.normal(jax.random.key(7), jnp.einsum(spec, x, w).shape)
+
+    def pullback(fn, dtype):
+        out, vjp = jax.vjp(lambda a, b: fn(a.astype(dtype), b).astype(jnp.float32), x, w)
+        return (out, *vjp(dy))
+
+    ref = pullback(lambda a, b: jnp.einsum(spec, a, b, precision="highest"), jnp.float32)
+    for got, want in zip(pullback(lambda a, b: dense(a, b, n_in), jnp.float32), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # fp32: summation order only
+    # bf16 operands (8 mantissa bits: ~4e-3 relative each) summed over 24-32 terms of unit size, fp32
+    # accumulation: errors ~4e-3 * sqrt(32) ~ 0.02 per output; 0.1 separates right from a wrong contraction.
+    for got, want in zip(pullback(lambda a, b: dense(a, b, n_in), jnp.bfloat16), ref):
+        np.testing.assert_allclose(got, want, atol=0.1)
+
+
+def test_dense_runs_every_dot_on_bf16_operands_on_the_cpu():
+    """The point of `dense`: XLA:CPU upcasts a bf16 dot with a bf16 result to fp32, which an einsum's
+    forward and backward both are; dense's forward and backward dots keep bf16 operands."""
+    x, w = jnp.ones((8, 64, 32), jnp.bfloat16), jnp.ones((32, 48), jnp.float32)
+
+    def operand_types(fn):
+        hlo = jax.jit(jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) ** 2), (0, 1))).lower(x, w).compile().as_text()
+        types = []
+        for comp in re.split(r"\n(?=%|ENTRY)", hlo):  # a dot is a fusion's root or a plain instruction
+            if re.search(r"ROOT %\S+ = \S+ dot\(", comp):
+                types += [t for t in re.findall(r"param_\S+: (\w+)\[", comp.split("\n", 1)[0])]
+        return types
+
+    assert set(operand_types(lambda a, b: jnp.einsum("btd,df->btf", a, b.astype(a.dtype)))) == {"f32"}  # the problem
+    assert set(operand_types(dense)) == {"bf16"} and len(operand_types(dense)) == 6  # 3 dots, 2 operands each
+
+
+@pytest.mark.parametrize("remat, saved", [("dots", 6), ("dots_no_batch", 6), ("full", 0)])
+def test_remat_policies_see_the_projections_inside_dense(key, remat, saved, capsys):
+    """dense's dots sit inside a custom_vjp, out of a policy's sight; its named output is what the dot
+    policies keep instead, as they kept the einsums' outputs: q, k, v, o, gate and up of a layer (the down
+    projection only feeds the residual sum, whose gradient needs no values)."""
+    params = init_params(TINY, key)
+    layer = jax.tree.map(lambda a: a[0], params["layers"])
+    cos, sin = rope_tables(jnp.arange(16)[None], TINY.head_dim, TINY.rope_base)
+    block = jax.checkpoint(lambda x: decoder_block(x, layer, TINY, cos, sin, lambda q, k, v: (xla_attention(q, k, v), None))[0],
+                           policy=_REMAT_POLICIES[remat])
+    jax.ad_checkpoint.print_saved_residuals(block, jnp.ones((2, 16, TINY.d_model)))
+    assert capsys.readouterr().out.count("named 'dense_out'") == saved
 
 
 def test_qk_norm_and_untied_head_change_the_parameter_tree():

@@ -12,10 +12,12 @@ norms, softmax statistics and logits are computed in fp32.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from anychip.config import ModelConfig
 from anychip.model.attention import Kernel, attention, document_segments, xla_attention
@@ -29,14 +31,16 @@ Remat = Literal["none", "full", "dots", "dots_no_batch"]
 # policies alone would run it again in the backward pass. Its outputs (attention output and softmax
 # statistics: ~D + H values per token) are worth keeping. The name is jax/_src/cudnn's; a test counts the
 # forward calls in the exported CUDA step, so a rename shows. The blockwise and splash kernels name their
-# residuals (output, log-sum-exp) with checkpoint_name instead.
+# residuals (output, log-sum-exp) with checkpoint_name instead, and so does `dense`, whose dots a policy
+# cannot see inside its custom_vjp: the dot policies keep its output as they keep an einsum's.
 _FLASH_ATTENTION_PRIMITIVE = "dot_product_attention_fwd_wrapper"
-_FLASH_NAMES = jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES, "splash_residuals")
+_DENSE_NAME = "dense_out"
+_SAVED_NAMES = jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES, "splash_residuals", _DENSE_NAME)
 
 
-def _and_flash_attention(policy: Callable) -> Callable:
+def _and_kernel_outputs(policy: Callable) -> Callable:
     def saveable(prim: Any, *args: Any, **params: Any) -> bool:
-        return (prim.name == _FLASH_ATTENTION_PRIMITIVE or _FLASH_NAMES(prim, *args, **params)
+        return (prim.name == _FLASH_ATTENTION_PRIMITIVE or _SAVED_NAMES(prim, *args, **params)
                 or policy(prim, *args, **params))
 
     return saveable
@@ -44,8 +48,8 @@ def _and_flash_attention(policy: Callable) -> Callable:
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": _and_flash_attention(jax.checkpoint_policies.checkpoint_dots),
-    "dots_no_batch": _and_flash_attention(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "dots": _and_kernel_outputs(jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": _and_kernel_outputs(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 
@@ -53,6 +57,42 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def _contract(lhs: range, rhs: range) -> tuple:
+    """dot_general dimension numbers: contract lhs's axes with rhs's, no batch axes."""
+    return (tuple(lhs), tuple(rhs)), ((), ())
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x (..., *in) · w (*in, *out) → (..., *out) in x's dtype, `n_in` the number of `in` axes; w (an fp32
+    master weight) is cast to x's dtype. Every dot, forward and backward, takes compute-dtype operands and
+    accumulates in fp32, and the weight's gradient stays fp32. Written out because XLA:CPU runs a bf16 dot
+    with a bf16 result (what autodiff of a plain einsum makes) by upcasting both operands to fp32, while one
+    with an fp32 result runs on bf16 instructions; on TPU and GPU the two are the same program."""
+    return checkpoint_name(_dense(x, w, n_in), _DENSE_NAME)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    return jax.lax.dot_general(x, w.astype(x.dtype), _contract(range(x.ndim - n_in, x.ndim), range(n_in)),
+                               preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dense_fwd(x: jax.Array, w: jax.Array, n_in: int):
+    return _dense(x, w, n_in), (x, w)
+
+
+def _dense_bwd(n_in: int, residuals: tuple, dy: jax.Array):
+    x, w = residuals
+    lead = x.ndim - n_in
+    dx = jax.lax.dot_general(dy, w.astype(x.dtype), _contract(range(lead, dy.ndim), range(n_in, w.ndim)),
+                             preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x, dy, _contract(range(lead), range(lead)), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
@@ -74,10 +114,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def project_qkv(x: jax.Array, layer: Params, cfg: ModelConfig, cos: jax.Array, sin: jax.Array):
     """Normed input x (B, T, D) → rotated q (B, T, H, hd) and k, v (B, T, KV, hd)."""
-    dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"].astype(dt))
+    q = dense(x, layer["wq"])
+    k = dense(x, layer["wk"])
+    v = dense(x, layer["wv"])
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.norm_eps)
@@ -87,11 +126,10 @@ def project_qkv(x: jax.Array, layer: Params, cfg: ModelConfig, cos: jax.Array, s
 
 
 def mlp(x: jax.Array, layer: Params) -> jax.Array:
-    dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, layer["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, layer["w_up"].astype(dt))
+    gate = dense(x, layer["w_gate"])
+    up = dense(x, layer["w_up"])
     hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))  # (B, T, F)
-    return jnp.einsum("btf,fd->btd", hidden, layer["w_down"].astype(dt))
+    return dense(hidden, layer["w_down"])
 
 
 def decoder_block(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable) -> tuple[jax.Array, Any]:
@@ -103,7 +141,7 @@ def decoder_block(x, layer: Params, cfg: ModelConfig, cos, sin, attend: Callable
     """
     q, k, v = project_qkv(rms_norm(x, layer["attn_norm"], cfg.norm_eps), layer, cfg, cos, sin)
     attn, aux = attend(q, k, v)  # (B, T, H, hd)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, layer["wo"].astype(x.dtype))
+    x = x + dense(attn, layer["wo"], 2)
     x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer)
     return constrain(x, ("batch", "seq", "embed")), aux
 
