@@ -7,16 +7,17 @@ one step per token instead of N. A step computes the first R slots only, R the o
 rounded up to a power of two (new requests take the lowest free slot), and attends over the longest
 sequence's length rounded the same way: one request alone costs a one-row step, not a full batch. Cache
 slot s of a row holds position s, and each row attends only up to its own position, so rows at different
-lengths share a step and a row never sees what an earlier request left in its slot. A sequence leaves its slot at an end-of-sequence token, at its token budget, or when it
-is cancelled (a client that went away), and a waiting request takes the slot at the next step. Requests
-wait in a bounded queue; a full queue refuses new ones (the server's 429).
+lengths share a step and a row never sees what an earlier request left in its slot. A sequence leaves
+its slot at an end-of-sequence token, at its token budget, or when it is cancelled (a client that went
+away), and a waiting request takes the slot at the next step. Requests wait in a bounded queue; a full
+queue refuses new ones (the server's 429).
 
 Sampling runs per row (temperature, top-k, top-p and seed of each request; greedy at temperature 0), and
 the random key of a request's i-th token is fold_in(key(seed), i): a seeded request gets the same tokens
-whatever else is running (up to the float rounding of a step with another row count). A step where no row
-samples skips the random draw (on a CPU, the Gumbel noise for 32 × 8,192 logits costs more than the
-model). Reported log-probabilities are those of the model's distribution before
-temperature and filtering, as OpenAI-compatible servers report them.
+whatever else is running (up to the float rounding of a step with another row count). A step where no
+row samples skips the random draw (on a CPU, the Gumbel noise for 32 × 8,192 logits costs more than the
+model). Reported log-probabilities are those of the model's distribution before temperature and
+filtering, as OpenAI-compatible servers report them.
 
 One thread runs the loop and owns the cache. `submit` may be called from any thread; a request's events
 (`Prompt`, `Token`, `Finished`) go to its `emit` callback, called on the engine's thread.
@@ -194,16 +195,15 @@ def _decode_step(params: Params, cache: KVCache, tokens: jax.Array, positions: j
     return _put_prefix(cache, part), _choose(unembed(params, h[:, 0], cfg), sampling, top_k_cap, use_top_p)
 
 
+def _row_bucket(n: int, slots: int) -> int:
+    """Rows a step computes to cover the first n slots: a power of two (one compiled step per bucket), at
+    most the slot count."""
+    return min(_bucket(n, smallest=1), slots)
+
+
 def _rows(running: list[Any]) -> int:
-    """Rows a step computes: up to the last occupied slot, rounded up to a power of two (one compiled step
-    per row bucket), at most the slot count."""
-    last = max(i for i, seq in enumerate(running) if seq is not None)
-    return min(1 << last.bit_length(), len(running))
-
-
-def _row_buckets(slots: int) -> list[int]:
-    """Every value `_rows` can take for `slots` slots."""
-    return sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
+    """Rows the next step computes: up to the last occupied slot."""
+    return _row_bucket(1 + max(i for i, seq in enumerate(running) if seq is not None), len(running))
 
 
 def _sampling_arrays(requests: list[Request | None], steps: list[int]) -> tuple[np.ndarray, ...]:
@@ -304,7 +304,7 @@ class Engine:
         assert not self._thread.is_alive(), "warm up before start()"
         t0 = time.perf_counter()
         self._prefill(0, _Sequence(Request((0,), max_tokens=0), lambda _: None, Handle()))
-        for rows in _row_buckets(self.slots):
+        for rows in sorted({_row_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
             idle, sampling = np.zeros(rows, np.int32), _sampling_arrays([None] * rows, [0] * rows)
             length = 0
             while length < self.max_seq_len:

@@ -29,9 +29,9 @@ from anychip.model.params import Params, is_norm
 _MIN_BUCKET = 16
 
 
-def _bucket(n: int) -> int:
-    """Next power of two ≥ n (at least 16): one compiled function per bucket, not per length."""
-    return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+def _bucket(n: int, smallest: int = _MIN_BUCKET) -> int:
+    """Next power of two ≥ n (at least `smallest`): one compiled function per bucket, not per length."""
+    return max(smallest, 1 << (n - 1).bit_length())
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
