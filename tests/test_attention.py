@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_dots import dot_operand_types, needs_cpu_bf16_dots
 
 from anychip.check.portability import _while_conditions, check_function, has_static_trip_count, module_text
 from anychip.config import MODEL_PRESETS
@@ -104,6 +105,18 @@ def test_blockwise_keeps_no_score_matrix():
     assert temp_bytes(xla_attention) >= scores
     assert temp_bytes(lambda q, k, v: blockwise_attention(q, k, v, block=256)) < scores / 16
 
+
+
+@needs_cpu_bf16_dots
+def test_blockwise_gradient_runs_every_dot_on_bf16_operands_on_the_cpu():
+    """dK and dV contract the probabilities and the queries over their rows; written so (dSᵀ·Q), XLA:CPU
+    runs those two dots upcast to fp32 outside YNNPACK, 5-9x slower. The kernel accumulates them transposed
+    (Qᵀ·dS), so every dot of the forward and backward keeps bf16 operands."""
+    q, k, v, w = qkv(T=64, H=4, KV=2, hd=16, dtype=jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(blockwise_attention(q, k, v, block=16).astype(jnp.float32) * w),
+                            (0, 1, 2)))
+    types = dot_operand_types(grad.lower(q, k, v).compile().as_text())
+    assert len(types) == 2 * 7 and set(types) == {"bf16"}  # 2 forward + 5 backward dots, 2 operands each
 
 CFG = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=64, n_layers=1, init_std=0.3)
 EOT = 0

@@ -86,11 +86,11 @@ def test_auto_compute_settings_resolve_per_platform():
     auto = Config().compute
     cpu, tpu = auto.for_platform("cpu", n_layers=4, seq_len=256), auto.for_platform("tpu", n_layers=4, seq_len=256)
     # The suite pins ANYCHIP_CPU_BF16=0 (conftest): a CPU without bf16 dots computes in fp32.
-    assert (cpu.dtype, cpu.layers, cpu.attention_block, cpu.loss_chunk) == ("float32", "unroll", 64, 32)
+    assert (cpu.dtype, cpu.layers, cpu.attention_block, cpu.loss_chunk) == ("float32", "unroll", 128, 32)
     assert (tpu.dtype, tpu.layers, tpu.attention_block, tpu.loss_chunk) == ("bfloat16", "scan", 512, 0)
     assert auto.for_platform("cpu", n_layers=24, seq_len=256).layers == "scan"  # deep models keep compile time flat
     long = auto.for_platform("cpu", n_layers=4, seq_len=4096)
-    assert long.attention_block == 512  # 64..512: at least 4 key blocks, tiles not so small the loop's overhead shows
+    assert long.attention_block == 512  # 128..512: up to 4 key blocks, tiles not too small for the CPU's matmuls
     assert auto.for_platform("cpu", n_layers=4, seq_len=100).loss_chunk == 0  # 32 does not divide: reference loss
     explicit = load_config(None, ["compute.dtype=bfloat16", "compute.layers=scan", "compute.attention_block=128",
                                   "compute.loss_chunk=0"]).compute

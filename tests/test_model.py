@@ -1,12 +1,12 @@
 """Properties of the decoder that must hold whatever the weights: causality, GQA, RoPE, gradients."""
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_dots import dot_operand_types, needs_cpu_bf16_dots
 
 from anychip.config import MODEL_PRESETS, ModelConfig
 from anychip.model.attention import xla_attention
@@ -151,18 +151,15 @@ def test_dense_computes_the_einsum_and_its_gradients(key, spec, n_in):
         np.testing.assert_allclose(got, want, atol=0.1)
 
 
+@needs_cpu_bf16_dots
 def test_dense_runs_every_dot_on_bf16_operands_on_the_cpu():
     """The point of `dense`: XLA:CPU upcasts a bf16 dot with a bf16 result to fp32, which an einsum's
     forward and backward both are; dense's forward and backward dots keep bf16 operands."""
     x, w = jnp.ones((8, 64, 32), jnp.bfloat16), jnp.ones((32, 48), jnp.float32)
 
     def operand_types(fn):
-        hlo = jax.jit(jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) ** 2), (0, 1))).lower(x, w).compile().as_text()
-        types = []
-        for comp in re.split(r"\n(?=%|ENTRY)", hlo):  # a dot is a fusion's root or a plain instruction
-            if re.search(r"ROOT %\S+ = \S+ dot\(", comp):
-                types += [t for t in re.findall(r"param_\S+: (\w+)\[", comp.split("\n", 1)[0])]
-        return types
+        grad = jax.jit(jax.grad(lambda a, b: jnp.sum(fn(a, b).astype(jnp.float32) ** 2), (0, 1)))
+        return dot_operand_types(grad.lower(x, w).compile().as_text())
 
     assert set(operand_types(lambda a, b: jnp.einsum("btd,df->btf", a, b.astype(a.dtype)))) == {"f32"}  # the problem
     assert set(operand_types(dense)) == {"bf16"} and len(operand_types(dense)) == 6  # 3 dots, 2 operands each

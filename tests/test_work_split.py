@@ -27,14 +27,15 @@ N = 8
 FLOPS_SHARE = 0.9
 # Temporaries: activations split N ways; what does not is one layer's all-gathered weights (fsdp), the
 # replicated optimizer temporaries (data) and XLA's scalars and small buffers, ~1.3 MB per device. With the
-# CPU's `auto` attention tile (T/4 = 64 here: 38.7 MB on one device) the train step measured 6.3-7.2 of 8
-# (5.4-6.4 MB per device; with one 128 tile 49.2 MB and 6.4-7.3), the fused loss and eval up to 9.4.
+# CPU's `auto` attention tile (one 128 tile at this T: 49.2 MB on one device) the train step measured 6.5-7.3
+# of 8 (with two 64 tiles 38.7 MB and 6.3-7.2), the fused loss 6.2-7.2.
 # The prefill also keeps per-device copies of its cache update buffers
-# ((B/N, KV, S, hd) each): measured 4.6-5.3 of 8.
-# Eval's temporaries are small (5.8 MB on one device with the blockwise kernel, which keeps no T×T
+# ((B/N, KV, S, hd) each): measured 4.6-5.7 of 8.
+# Eval's temporaries are small (6.2 MB on one device with the blockwise kernel, which keeps no T×T
 # probabilities) and include ~0.9 MB of FSDP all-gathered weights of the unrolled layers, whole on every
-# device by design: measured 4.9 of 8 (1.17 MB per device; 3.8 with one 128 tile) while its FLOPs fall 8.0x. The replicated-batch
-# bug gave eval FLOPs 3.0x and prefill temporaries 1.3x, far below these bounds.
+# device by design: measured 3.8-4.3 of 8 with the one 128 tile (4.9 with two 64 tiles) while its FLOPs
+# fall 7.9x. The replicated-batch bug gave eval FLOPs 3.0x and prefill temporaries 1.3x, far below these
+# bounds.
 TEMP_SHARE = {"train": 0.7, "fused_loss": 0.7, "eval": 0.45, "generate": 0.5}
 
 

@@ -229,7 +229,8 @@ class ComputeConfig:
     xla is the reference that keeps T×T scores (docs/attention.md)."""
     attention_block: int | Literal["auto"] = "auto"
     """Query/key tile of the blockwise and splash kernels (splash: a multiple of 128); auto: 512, and on CPU
-    T/4 within 64..512: at least four key blocks, so causal block skipping drops 3/8 of the tiles."""
+    T/4 within 128..512: up to four key blocks (causal block skipping drops 3/8 of the tiles), none below 128,
+    where the tile's matmuls get too small for the CPU's matmul library."""
     layers: Literal["auto", "scan", "unroll"] = "auto"
     """The decoder blocks as one `lax.scan` (compile time flat in depth) or unrolled (XLA fuses and lays out
     across blocks; XLA's cost analysis counts a scan's body once, so FLOP counts need unroll); auto: unrolled on CPU
@@ -254,7 +255,7 @@ class ComputeConfig:
         resolved = {
             "dtype": "float32" if cpu and not cpu_has_bf16() else "bfloat16",
             "layers": "unroll" if cpu and n_layers <= 8 else "scan",
-            "attention_block": min(512, max(64, seq_len // 4)) if cpu else 512,
+            "attention_block": min(512, max(128, seq_len // 4)) if cpu else 512,
             "loss_chunk": 32 if cpu and seq_len % 32 == 0 else 0,
         }
         return dataclasses.replace(self, **{k: v for k, v in resolved.items() if getattr(self, k) == "auto"})

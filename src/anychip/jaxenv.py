@@ -107,6 +107,11 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     forced = os.environ.get("ANYCHIP_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
+    return cpu_flags_have_bf16(cpuinfo)
+
+
+def cpu_flags_have_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU's flags name bf16 dot instructions (AVX512-BF16, AMX-BF16, Arm BF16), whatever the override."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             lines = [line for line in f if line.startswith(("flags", "Features"))]

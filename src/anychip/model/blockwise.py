@@ -113,32 +113,39 @@ def _forward(q, k, v, seg, block: int):
 
 
 def _backward(q, k, v, seg, out, lse, d_out, block: int):
-    """Gradients of q, k, v from the saved output and log-sum-exp, recomputing each tile's probabilities."""
+    """Gradients of q, k, v from the saved output and log-sum-exp, recomputing each tile's probabilities.
+
+    dK and dV are accumulated transposed, (…, hd, bk), from the transposed q and dO tiles: every product is
+    then a matmul whose left operand is contracted over its last axis. The untransposed dK = dSᵀ·Q contracts
+    both operands over their rows, which XLA:CPU runs upcast to fp32 outside its matmul library, 5–9× slower
+    (benchmarks/RESULTS.md); the transposes here are of T·hd values once per call, not of a tile per step."""
     B, T, _, G, hd = q.shape
     n, scale = T // block, 1.0 / np.sqrt(hd)
     qb, kb, vb, dob = _tiles(q, block), _tiles(k, block), _tiles(v, block), _tiles(d_out, block)
+    q_t, do_t = jnp.swapaxes(qb, -1, -2), jnp.swapaxes(dob, -1, -2)  # (n, B, KV, hd, G·bq)
     sb = None if seg is None else jnp.moveaxis(seg.reshape(B, n, block), 1, 0)
     # delta = Σ_d dO·O: the softmax backward's row term, once per query.
     delta = jnp.sum(dob.astype(jnp.float32) * _tiles(out, block).astype(jnp.float32), -1)  # (n, B, KV, G·bq)
     dq = jnp.zeros(qb.shape, jnp.float32)
-    dk = jnp.zeros(kb.shape, jnp.float32)
-    dv = jnp.zeros(vb.shape, jnp.float32)
+    dk_t = jnp.zeros(kb.shape[:-2] + (hd, block), jnp.float32)  # (n, B, KV, hd, bk)
+    dv_t = jnp.zeros(vb.shape[:-2] + (hd, block), jnp.float32)
 
     def step(carry, ij):
-        dq, dk, dv = carry
+        dq, dk_t, dv_t = carry
         i, j = ij
-        q_i, k_j, do = _get(qb, i), _get(kb, j), _get(dob, i)
-        s = _scores(q_i, k_j, scale, _tile_mask(i, j, block, G, sb))
+        s = _scores(_get(qb, i), _get(kb, j), scale, _tile_mask(i, j, block, G, sb))
         p = jnp.exp(s - _get(lse, i)[..., None])  # masked scores give 0
-        dv = _add(dv, j, jnp.einsum("bkqs,bkqd->bksd", p.astype(do.dtype), do, preferred_element_type=jnp.float32))
+        do = _get(dob, i)
+        dv_t = _add(dv_t, j, jnp.einsum("bkdq,bkqs->bkds", _get(do_t, i), p.astype(do.dtype),
+                                        preferred_element_type=jnp.float32))
         dp = jnp.einsum("bkqd,bksd->bkqs", do, _get(vb, j), preferred_element_type=jnp.float32)
         ds = (p * (dp - _get(delta, i)[..., None]) * scale).astype(q.dtype)  # (B, KV, G·bq, bk)
-        dq = _add(dq, i, jnp.einsum("bkqs,bksd->bkqd", ds, k_j, preferred_element_type=jnp.float32))
-        dk = _add(dk, j, jnp.einsum("bkqs,bkqd->bksd", ds, q_i, preferred_element_type=jnp.float32))
-        return (dq, dk, dv), None
+        dq = _add(dq, i, jnp.einsum("bkqs,bksd->bkqd", ds, _get(kb, j), preferred_element_type=jnp.float32))
+        dk_t = _add(dk_t, j, jnp.einsum("bkdq,bkqs->bkds", _get(q_t, i), ds, preferred_element_type=jnp.float32))
+        return (dq, dk_t, dv_t), None
 
-    (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), block_pairs(n))
-    return _untiles(dq, q), _untiles(dk, k), _untiles(dv, v)
+    (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, dk_t, dv_t), block_pairs(n))
+    return _untiles(dq, q), _untiles(jnp.swapaxes(dk_t, -1, -2), k), _untiles(jnp.swapaxes(dv_t, -1, -2), v)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
