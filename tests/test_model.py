@@ -165,6 +165,28 @@ def test_dense_runs_every_dot_on_bf16_operands_on_the_cpu():
     assert set(operand_types(dense)) == {"bf16"} and len(operand_types(dense)) == 6  # 3 dots, 2 operands each
 
 
+def test_rope_tables_for_known_positions_equal_the_traced_ones():
+    """The host table (numpy) and the in-program one (XLA) may round an fp32 angle (position × inverse
+    frequency, at most 1) one ulp apart, a cos/sin difference of up to that ulp, which the position's own
+    ulp bounds (4.9e-4 at positions 2,048–4,095); beyond it they must agree to 1e-6."""
+    positions = np.arange(4096)[None]
+    host = rope_tables(positions, 64, 500000.0)
+    traced = jax.jit(lambda p: rope_tables(p, 64, 500000.0))(jnp.asarray(positions))
+    position_ulp = np.spacing(positions[..., None].astype(np.float32))  # (1, T, 1)
+    for a, b in zip(host, traced, strict=True):
+        assert np.all(np.abs(np.asarray(a) - np.asarray(b)) <= position_ulp + 1e-6)
+
+
+def test_training_gradient_computes_no_cos_or_sin(key):
+    """Positions 0..T-1 make the rotary table a constant of the compiled program: XLA otherwise fuses its
+    cos and sin into every consumer and recomputes them for each batch row and head."""
+    params = init_params(TINY, key)
+    tokens = jnp.zeros((2, 256), jnp.int32)
+    loss = lambda p: forward(p, tokens, TINY, compute_dtype=jnp.float32).sum()
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert " cosine(" not in hlo and " sine(" not in hlo
+
+
 @pytest.mark.parametrize("remat, saved", [("dots", 6), ("dots_no_batch", 6), ("full", 0)])
 def test_remat_policies_see_the_projections_inside_dense(key, remat, saved, capsys):
     """dense's dots sit inside a custom_vjp, out of a policy's sight; its named output is what the dot

@@ -105,7 +105,7 @@ def rope_tables(positions: jax.Array | np.ndarray, head_dim: int, base: float) -
     train step's thread time."""
     xp = np if isinstance(positions, np.ndarray) else jnp
     inv_freq = 1.0 / (base ** (xp.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    angles = positions.astype(np.float32)[..., None] * inv_freq.astype(np.float32)  # (..., T, hd/2)
+    angles = positions.astype(np.float32)[..., None] * inv_freq  # (..., T, hd/2)
     angles = xp.concatenate([angles, angles], axis=-1)  # (..., T, hd): HF "rotate half" layout
     return jnp.asarray(xp.cos(angles)), jnp.asarray(xp.sin(angles))
 
