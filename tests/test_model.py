@@ -10,7 +10,15 @@ from hlo_dots import dot_operand_types, needs_cpu_bf16_dots
 
 from anychip.config import MODEL_PRESETS, ModelConfig
 from anychip.model.attention import xla_attention
-from anychip.model.decoder import _REMAT_POLICIES, apply_rope, decoder_block, dense, forward, rope_tables
+from anychip.model.decoder import (
+    _REMAT_POLICIES,
+    _rotate,
+    apply_rope,
+    decoder_block,
+    dense,
+    forward,
+    rope_tables,
+)
 from anychip.model.loss import cross_entropy
 from anychip.model.params import count_params, init_params, param_shapes
 
@@ -74,6 +82,21 @@ def test_rope_scores_depend_only_on_relative_position(key):
     assert score(3, 1) == pytest.approx(score(12, 10), rel=1e-5)
     assert score(7, 7) == pytest.approx(score(0, 0), rel=1e-5)
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_backward_is_the_transpose_of_the_rotation(key, dtype):
+    """apply_rope's hand-written backward (the rotation by -angle) against autodiff of the same rotation in
+    fp32. fp32: the same two products per element, summed in another order (atol 1e-6 on values of size
+    ~3). bf16: one rounding of the fp32 result, so within half a bf16 ulp (rtol 2^-8)."""
+    x, dy = jax.random.normal(key, (2, 2, 5, 3, 16)).astype(dtype)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 300, 9, 11, 4000]])  # per row, as in decoding
+    cos, sin = rope_tables(positions, 16, 10000.0)
+    got = jax.vjp(apply_rope, x, cos, sin)[1](dy)[0]
+    want = jax.vjp(lambda x: _rotate(x, cos, sin), x.astype(jnp.float32))[1](dy.astype(jnp.float32))[0]
+    assert got.dtype == dtype
+    rtol, atol = (0, 1e-6) if dtype == jnp.float32 else (2**-8, 0)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.slow  # long: the slow job (.ci/long)

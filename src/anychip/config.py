@@ -181,7 +181,7 @@ class OptimConfig:
 class TrainConfig:
     """What is trained: steps, batch geometry, the seed of the data order and init, the objective."""
 
-    steps: int = 360
+    steps: int = 450
     """Optimizer steps of the whole run (a resumed run continues up to this)."""
     batch_size: int = 8
     """Sequences per optimizer step (the global batch, over all devices)."""
