@@ -14,7 +14,9 @@ on this machine (/dev/nvidia*, /dev/accel*, /dev/vfio/*, /dev/neuron*, /dev/kfd)
 
 Machines with an accelerator are left exactly as jax sets them up.
 
-It also answers the one host fact the compute policy needs: whether this CPU has bf16 dot instructions.
+It also answers the one host fact the compute policy needs: whether this CPU has bf16 dot instructions,
+and starts the `anychip` command with transparent huge pages for glibc's large allocations (see
+`restart_with_huge_pages`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import functools
 import glob
 import importlib.util
 import os
+import platform
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -35,6 +38,9 @@ _deferred = False
 # CPU flags (Linux /proc/cpuinfo, x86 and Arm spellings) of bf16 dot-product instructions, which XLA:CPU's
 # bf16 dots use; without them every bf16 operand is converted to fp32 and back.
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+HUGE_PAGES_ENV = "ANYCHIP_HUGE_PAGES"
+_HUGETLB = "glibc.malloc.hugetlb"
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def aot_installed() -> bool:
@@ -118,3 +124,41 @@ def cpu_flags_have_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return any(_BF16_FLAGS & set(line.partition(":")[2].split()) for line in lines)
+
+
+def huge_pages_tunables(environ: dict[str, str], libc: tuple[str, str], thp_mode: str) -> str | None:
+    """The GLIBC_TUNABLES value that turns on transparent huge pages for malloc, or None where they are off
+    already, unavailable (not glibc >= 2.35, the kernel's THP `[never]`), asked for off
+    (ANYCHIP_HUGE_PAGES=0), or the user set the tunable."""
+    name, version = libc
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (environ.get(HUGE_PAGES_ENV) == "0" or _HUGETLB in tunables or name != "glibc"
+            or tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (2, 35) or "[never]" in thp_mode
+            or "[" not in thp_mode):
+        return None
+    return ":".join(filter(None, [tunables, f"{_HUGETLB}=1"]))
+
+
+def restart_with_huge_pages() -> None:
+    """Re-execs the `anychip` command (the console script or `python -m anychip.cli`, nothing that imports
+    the library) once with glibc's malloc on transparent huge pages, before jax is imported.
+
+    XLA:CPU allocates a step's temporaries afresh every step (140 MiB at the demo shape), and with 4 KiB
+    pages the kernel faults and zeroes them page by page: ~35,000 faults per step, and stretches of steps
+    1.4x slower on the 2-vCPU CI machine. With huge pages the demo step is ~12% faster and steady
+    (benchmarks/RESULTS.md). Machines with an accelerator are left alone; ANYCHIP_HUGE_PAGES=0 turns it off."""
+    argv = getattr(sys, "orig_argv", [])
+    is_command = os.path.basename(sys.argv[0]) == "anychip" or argv[1:3] == ["-m", "anychip.cli"]
+    if not is_command or not sys.platform.startswith("linux") or has_accelerator():
+        return
+    try:
+        with open(_THP_MODE, encoding="utf-8") as f:
+            thp_mode = f.read()
+    except OSError:
+        return
+    tunables = huge_pages_tunables(dict(os.environ), platform.libc_ver(), thp_mode)
+    if tunables is None:
+        return
+    os.environ["GLIBC_TUNABLES"] = tunables
+    with contextlib.suppress(OSError):  # no exec here: run as we are
+        os.execv(sys.executable, [sys.executable, *argv[1:]])
