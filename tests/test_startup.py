@@ -5,6 +5,7 @@ import platform
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_the_command_runs_on_huge_pages():
     pages, none to speak of on 2 MiB ones. So 11 steps fault at least twice as often without (measured:
     ~540k against ~150k, compilation included)."""
     try:
-        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         pytest.skip("no transparent huge pages on this kernel")
     if huge_pages_tunables({}, platform.libc_ver(), thp) is None:
