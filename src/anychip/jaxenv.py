@@ -148,7 +148,8 @@ def restart_with_huge_pages() -> None:
     1.4x slower on the 2-vCPU CI machine. With huge pages the demo step is ~12% faster and steady
     (benchmarks/RESULTS.md). Machines with an accelerator are left alone; ANYCHIP_HUGE_PAGES=0 turns it off."""
     argv = getattr(sys, "orig_argv", [])
-    is_command = os.path.basename(sys.argv[0]) == "anychip" or argv[1:3] == ["-m", "anychip.cli"]
+    program = (getattr(sys, "argv", None) or [""])[0]  # embedded interpreters may have no argv
+    is_command = os.path.basename(program) == "anychip" or argv[1:3] == ["-m", "anychip.cli"]
     if not is_command or not sys.platform.startswith("linux") or has_accelerator():
         return
     try:
