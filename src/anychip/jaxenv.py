@@ -126,15 +126,24 @@ def cpu_flags_have_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(_BF16_FLAGS & set(line.partition(":")[2].split()) for line in lines)
 
 
-def huge_pages_tunables(environ: dict[str, str], libc: tuple[str, str], thp_mode: str) -> str | None:
-    """The GLIBC_TUNABLES value that turns on transparent huge pages for malloc, or None where they are off
-    already, unavailable (not glibc >= 2.35, the kernel's THP `[never]`), asked for off
-    (ANYCHIP_HUGE_PAGES=0), or the user set the tunable."""
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode line, e.g. "always [madvise] never"; "" where it has none."""
+    try:
+        with open(_THP_MODE, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def huge_pages_tunables(environ: dict[str, str], libc: tuple[str, str], thp: str) -> str | None:
+    """The GLIBC_TUNABLES value that turns on transparent huge pages for malloc, or None where the user
+    set the tunable or ANYCHIP_HUGE_PAGES=0, or where there are none (not glibc >= 2.35; a kernel without
+    THP or with THP `[never]`)."""
     name, version = libc
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if (environ.get(HUGE_PAGES_ENV) == "0" or _HUGETLB in tunables or name != "glibc"
-            or tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (2, 35) or "[never]" in thp_mode
-            or "[" not in thp_mode):
+    glibc_has_it = name == "glibc" and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (2, 35)
+    kernel_has_it = "[" in thp and "[never]" not in thp
+    if environ.get(HUGE_PAGES_ENV) == "0" or _HUGETLB in tunables or not (glibc_has_it and kernel_has_it):
         return None
     return ":".join(filter(None, [tunables, f"{_HUGETLB}=1"]))
 
@@ -152,12 +161,7 @@ def restart_with_huge_pages() -> None:
     is_command = os.path.basename(program) == "anychip" or argv[1:3] == ["-m", "anychip.cli"]
     if not is_command or not sys.platform.startswith("linux") or has_accelerator():
         return
-    try:
-        with open(_THP_MODE, encoding="utf-8") as f:
-            thp_mode = f.read()
-    except OSError:
-        return
-    tunables = huge_pages_tunables(dict(os.environ), platform.libc_ver(), thp_mode)
+    tunables = huge_pages_tunables(dict(os.environ), platform.libc_ver(), thp_mode())
     if tunables is None:
         return
     os.environ["GLIBC_TUNABLES"] = tunables
